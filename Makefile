@@ -1,0 +1,52 @@
+# Two commands for a new machine: `make demo` (the main job on the real catalog) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OPENCLIPART := /usr/share/openclipart/png
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+HOST ?= 127.0.0.1
+
+.PHONY: setup catalog demo test test-all ui mlflow-ui repro clean
+
+# torch==2.13.0 first: the local CPU build. An unpinned torch would pull GBs of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(STAMP) catalog
+
+catalog:
+	@if [ -d $(OPENCLIPART) ]; then echo "openclipart catalog: $(OPENCLIPART)"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing openclipart-png (the real catalog)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openclipart-png; \
+	else echo "The real catalog is missing: run 'sudo apt-get install -y openclipart-png'," \
+	  "or run on your own catalog: $(VENV)/bin/pailitao run --dataset DIR --profile demo --out out/"; exit 1; fi
+
+demo: setup
+	$(VENV)/bin/pailitao demo --profile demo
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+test-all: setup
+	$(VENV)/bin/pytest -q -m ""
+
+# Start servers from a shell with job control so Ctrl-C / SIGTERM stops them and their children.
+ui: $(STAMP)
+	set -m; $(VENV)/bin/dagster dev -m orchestration.definitions -h $(HOST) -p 3000
+
+mlflow-ui: $(STAMP)
+	mkdir -p mlflow/artifacts
+	set -m; $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlflow/artifacts --host $(HOST) --port 5000
+
+repro: setup
+	$(VENV)/bin/dvc repro
+
+clean:
+	rm -rf data/processed data/raw .dagster mlflow/mlflow.db mlflow/artifacts

@@ -1,0 +1,1 @@
+"""Catalog sources, validation, environmental noise, splits, query sets and judgments."""

@@ -1,0 +1,123 @@
+"""Safe image decoding and normalization: bad files are quarantined with a reason, never crash a run.
+
+Every image becomes RGB composited on white with its longest side bounded; the checks on bytes and
+header dimensions run before any pixel is decoded, so a decompression bomb is refused cheaply.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+
+import imagehash
+from PIL import Image, UnidentifiedImageError
+
+from data.schema import STATUS_OK, STATUS_QUARANTINED
+
+# Reasons are stable prefixes (the quarantine table and the tests rely on them).
+EMPTY, TOO_LARGE_FILE, NOT_IMAGE, CORRUPT = "empty file", "file too large", "not an image", "truncated or corrupt"
+TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT, MISSING = "too many pixels", "too small", "extreme aspect ratio", "missing file"
+
+# We check sizes ourselves before decoding; Pillow's own guard stays on as a backstop.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class BadImage(ValueError):
+    """An image that cannot be used; str(e) starts with one of the reason constants."""
+
+
+def open_checked(data: bytes, cfg: dict) -> Image.Image:
+    """Decode bytes after checking size, header dimensions and aspect; raise BadImage with the reason."""
+    if not data:
+        raise BadImage(f"{EMPTY} (0 bytes)")
+    if len(data) > cfg["max_bytes"]:
+        raise BadImage(f"{TOO_LARGE_FILE} ({len(data)} bytes > {cfg['max_bytes']})")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"{TOO_MANY_PIXELS} ({e})") from None
+    except UnidentifiedImageError:
+        raise BadImage(f"{NOT_IMAGE} (no known image format)") from None
+    except Exception as e:  # noqa: BLE001 - any parser failure is a bad file, not a crash
+        raise BadImage(f"{CORRUPT} ({type(e).__name__}: {e})") from None
+    w, h = im.size
+    if w * h > cfg["max_pixels"]:
+        raise BadImage(f"{TOO_MANY_PIXELS} ({w}x{h} = {w * h} > {cfg['max_pixels']})")
+    if min(w, h) < cfg["min_side"]:
+        raise BadImage(f"{TOO_SMALL} ({w}x{h}, min side {cfg['min_side']})")
+    if max(w, h) / min(w, h) > cfg["max_aspect"]:
+        raise BadImage(f"{BAD_ASPECT} ({w}x{h} > {cfg['max_aspect']}:1)")
+    try:
+        im.load()
+    except Exception as e:  # noqa: BLE001
+        raise BadImage(f"{CORRUPT} ({type(e).__name__}: {e})") from None
+    return im
+
+
+def to_rgb_on_white(im: Image.Image, max_side: int | None = None) -> Image.Image:
+    """RGB on a white background (transparency flattened), longest side at most max_side."""
+    if im.mode not in ("RGB", "RGBA"):
+        im = im.convert("RGBA")  # P, LA, L, CMYK, I;16 ... all go through RGBA
+    if im.mode == "RGBA":
+        canvas = Image.new("RGB", im.size, (255, 255, 255))
+        canvas.paste(im, mask=im.getchannel("A"))
+        im = canvas
+    if max_side and max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=2.0)
+    return im
+
+
+def decode_rgb(data: bytes, cfg: dict) -> Image.Image:
+    """Checked decode + normalization of untrusted bytes (uploads, queries)."""
+    return to_rgb_on_white(open_checked(data, cfg), cfg.get("max_side"))
+
+
+def normalize_file(src: str, out_dir: str, cfg: dict, reuse_dir: str | None = None) -> dict:
+    """Check and normalize one source image into out_dir/images/<sha[:2]>/<sha>.png.
+
+    Returns the image record (status, reason, sizes, sha256, dhash, relative path). When reuse_dir
+    (a previous version of the catalog) already holds the normalized file, it is hard-linked instead
+    of decoded again, which makes a repeated ingest fast.
+    """
+    rec = {"source_path": src, "path": None, "status": STATUS_QUARANTINED, "reason": None,
+           "orig_width": None, "orig_height": None, "width": None, "height": None,
+           "sha256": None, "dhash": None, "bytes": None}
+    try:
+        size = os.path.getsize(src)
+        if size > cfg["max_bytes"]:  # refuse before reading it into memory
+            raise BadImage(f"{TOO_LARGE_FILE} ({size} bytes > {cfg['max_bytes']})")
+        data = Path(src).read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        rec["reason"] = f"{MISSING} ({src})"
+        return rec
+    except BadImage as e:
+        rec["reason"] = str(e)
+        return rec
+    sha = hashlib.sha256(data).hexdigest()
+    rel = f"images/{sha[:2]}/{sha}_{cfg['max_side']}.png"
+    rec.update(sha256=sha, bytes=len(data))
+    dst = Path(out_dir) / rel
+    try:
+        im = open_checked(data, cfg)
+        rec.update(orig_width=im.size[0], orig_height=im.size[1])
+        prev = Path(reuse_dir) / rel if reuse_dir else None
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if prev is not None and prev.is_file():
+            if not dst.exists():
+                os.link(prev, dst)
+            norm = Image.open(dst)
+            norm.load()
+        else:
+            norm = to_rgb_on_white(im, cfg["max_side"])
+            if not dst.exists():  # byte-identical twins share one file
+                tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+                norm.save(tmp, format="PNG", compress_level=3)
+                os.replace(tmp, dst)
+    except BadImage as e:
+        rec["reason"] = str(e)
+        return rec
+    rec.update(path=rel, status=STATUS_OK, width=norm.size[0], height=norm.size[1],
+               dhash=str(imagehash.dhash(norm.convert("L"))))
+    return rec

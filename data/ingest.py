@@ -1,0 +1,139 @@
+"""Source -> normalized catalog directory (data/schema.py): decode every image safely in parallel,
+quarantine the bad ones with their reason, join openclipart twins, write the tables atomically."""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import imagehash
+import pandas as pd
+from tqdm import tqdm
+
+from data.images import normalize_file
+from data.schema import (IMAGE_COLUMNS, ITEM_COLUMNS, QUARANTINE_COLUMNS, STATUS_OK, Catalog,
+                         CatalogError, coerce)
+from data.sources import Source
+from pailitao.config import fingerprint
+from pailitao.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+
+def normalize_all(paths: list[str], out_dir: Path, cfg: dict, reuse_dir: Path | None,
+                  desc: str = "images") -> list[dict]:
+    """normalize_file over many paths, in `cfg['workers']` processes, with a progress bar."""
+    fn = partial(normalize_file, out_dir=str(out_dir), cfg=cfg,
+                 reuse_dir=str(reuse_dir) if reuse_dir else None)
+    bar = dict(total=len(paths), desc=desc, unit="img", mininterval=2.0, disable=None)
+    if cfg.get("workers", 1) <= 1 or len(paths) < 64:
+        return [fn(p) for p in tqdm(paths, **bar)]
+    with ProcessPoolExecutor(max_workers=cfg["workers"]) as pool:
+        return list(tqdm(pool.map(fn, paths, chunksize=32), **bar))
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)  # smallest id names the group: deterministic
+
+
+def twin_key(stem: str) -> tuple[str, bool]:
+    """Name key of an openclipart file without its black-and-white marker, and whether it had one:
+    cone1_bw_x -> ("cone1_x", True)."""
+    tokens = [t for t in stem.lower().replace("-", "_").split("_") if t]
+    return "_".join(t for t in tokens if t != "bw"), "bw" in tokens
+
+
+def group_twins(items: pd.DataFrame, images: pd.DataFrame, max_distance: int) -> pd.Series:
+    """group_id per item. Joined: byte-identical images; the `_bw` version of a colour original
+    (same name key, one marked bw, aspect ratios within 15%); one icon exported at several sizes
+    (same name key, normalized images within max_distance dHash bits)."""
+    uf = _UnionFind()
+    ok = images[images["status"] == STATUS_OK]
+    for _, ids in ok.groupby("sha256")["item_id"]:
+        for other in ids.iloc[1:]:
+            uf.union(ids.iloc[0], other)
+    info = {r.item_id: (imagehash.hex_to_hash(r.dhash), r.orig_width / r.orig_height)
+            for r in ok.itertuples()}
+    by_key: dict[str, list[tuple[str, bool]]] = defaultdict(list)
+    for r in items.itertuples():
+        if r.item_id in info:
+            key, bw = twin_key(r.file_stem)
+            by_key[key].append((r.item_id, bw))
+    for members in by_key.values():
+        for i, (a, a_bw) in enumerate(members):
+            for b, b_bw in members[i + 1:]:
+                (ha, ra), (hb, rb) = info[a], info[b]
+                if a_bw != b_bw and abs(ra / rb - 1) <= 0.15 or ha - hb <= max_distance:
+                    uf.union(a, b)
+    return items["item_id"].map(uf.find)
+
+
+def catalog_fingerprint(items: pd.DataFrame, images: pd.DataFrame) -> str:
+    """Content fingerprint: changes when any item field or any image's bytes change."""
+    it = items[list(ITEM_COLUMNS)].astype(str).sort_values("item_id").values.tolist()
+    im = images[["item_id", "view", "sha256"]].astype(str).sort_values(["item_id", "sha256"]).values.tolist()
+    return fingerprint([it, im])
+
+
+def build_catalog(src: Source, out_dir: str | Path, params: dict) -> Catalog:
+    """Write the normalized catalog of `src` to out_dir (atomically) and return it."""
+    out_dir = Path(out_dir)
+    cfg = params["ingest"]
+    if src.items.empty:
+        raise CatalogError(f"{src.root}: the catalog has no items")
+    images = src.images.reset_index(drop=True).copy()
+    images["image_id"] = images["item_id"] + "-" + images.groupby("item_id").cumcount().astype(str)
+    reuse = out_dir if out_dir.is_dir() else None
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        recs = pd.DataFrame(normalize_all(images["source_path"].tolist(), tmp, cfg, reuse,
+                                          desc=f"{src.name} images"))
+        images = pd.concat([images.drop(columns=["source_path"]), recs], axis=1)
+        items = src.items.copy()
+        if src.auto_group:
+            items["group_id"] = group_twins(items, images, cfg["twin_hash_distance"])
+        items["group_id"] = items["group_id"].fillna(items["item_id"])
+        items = coerce(items.drop(columns=["file_stem"], errors="ignore"), ITEM_COLUMNS)
+        images = coerce(images, IMAGE_COLUMNS)
+        quarantine = images.loc[images["status"] != STATUS_OK, QUARANTINE_COLUMNS].reset_index(drop=True)
+        items.to_parquet(tmp / "items.parquet", index=False)
+        images.to_parquet(tmp / "images.parquet", index=False)
+        quarantine.to_parquet(tmp / "quarantine.parquet", index=False)
+        if src.queries is not None:
+            _write_queries(src.queries, tmp, cfg)
+        meta = {"source": src.name, "synthetic": src.synthetic, "root": str(src.root),
+                "fingerprint": catalog_fingerprint(items, images), "items": len(items),
+                "images": len(images), "instances": int(items["group_id"].nunique()),
+                "quarantined": len(quarantine), **{f"source_{k}": v for k, v in src.meta.items()}}
+        write_json(meta, tmp / "meta.json")
+    log.info("catalog %s: %d items, %d images, %d quarantined", out_dir, len(items), len(images),
+             len(quarantine))
+    return Catalog.load(out_dir)
+
+
+def _write_queries(queries: pd.DataFrame, out_dir: Path, cfg: dict) -> None:
+    """A manifest's own queries, used as given: images normalized like catalog images (a bad query
+    image is recorded with its reason), text kept verbatim."""
+    q = queries.reset_index(drop=True).copy()
+    has_img = q["image"].notna()
+    recs = normalize_all(q.loc[has_img, "image"].tolist(), out_dir, cfg, None, desc="query images")
+    q["source_image"] = q["image"]
+    q["image"], q["status"], q["reason"] = None, STATUS_OK, None
+    for idx, rec in zip(q.index[has_img], recs):
+        q.loc[idx, ["image", "status", "reason"]] = [rec["path"], rec["status"], rec["reason"]]
+    q.astype({"query_id": "string", "item_id": "string"}).to_parquet(out_dir / "queries.parquet", index=False)

@@ -1,0 +1,1 @@
+"""Dagster Definitions for the Pailitao-VL lineage (assets, asset checks, resources, jobs)."""

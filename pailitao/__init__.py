@@ -1,0 +1,1 @@
+"""Pailitao-VL: shared configuration, I/O helpers, MLflow tracking and the CLI."""

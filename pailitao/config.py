@@ -1,0 +1,93 @@
+"""params.yaml: the one place hyperparameters live. Everything reads it through load_params."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARAMS_PATH = Path(os.environ.get("PAILITAO_PARAMS", REPO_ROOT / "params.yaml"))
+PROFILES = ("tiny", "demo", "full")
+
+
+class ConfigError(ValueError):
+    """A bad profile, override or params file, named in the message."""
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_params(profile: str | None = None, overrides: dict | None = None,
+                path: str | Path | None = None) -> dict[str, Any]:
+    """base deep-merged with the profile (the file's `profile` key when none is given), then overrides."""
+    path = Path(path or PARAMS_PATH)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    profile = profile or os.environ.get("PAILITAO_PROFILE") or raw.get("profile") or "demo"
+    profiles = raw.get("profiles", {})
+    if profile not in profiles:
+        raise ConfigError(f"unknown profile {profile!r} in {path}; choose one of {sorted(profiles)}")
+    params = deep_merge(deep_merge(raw.get("base", {}), profiles[profile] or {}), overrides or {})
+    params["profile"] = profile
+    params["params_dir"] = str(path.resolve().parent)  # relative paths in the file start here
+    return params
+
+
+def dataset_override(dataset: str | None) -> dict:
+    """`--dataset DIR` (a manifest directory), `synthetic` or `openclipart[:ROOT]` as a params override."""
+    if not dataset:
+        return {}
+    if dataset == "synthetic":
+        return {"dataset": {"source": "synthetic"}}
+    if dataset.startswith("openclipart"):
+        root = dataset.partition(":")[2]
+        return {"dataset": {"source": "openclipart", **({"root": root} if root else {})}}
+    return {"dataset": {"source": "manifest", "root": str(Path(dataset).resolve())}}
+
+
+def fingerprint(obj: Any) -> str:
+    """Short stable hash of a JSON-able object (params sections, file listings)."""
+    blob = json.dumps(obj, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def resolve(params: dict, path: str | Path) -> Path:
+    """A path from params.yaml: relative ones are taken from the directory of that file."""
+    path = Path(path)
+    return path if path.is_absolute() else (Path(params.get("params_dir", REPO_ROOT)) / path).resolve()
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each lineage node writes; one directory per asset under <workdir>/data/processed."""
+
+    workdir: Path
+
+    @classmethod
+    def from_params(cls, params: dict) -> "Paths":
+        return cls(resolve(params, params.get("workdir", ".")))
+
+    @property
+    def raw(self) -> Path:
+        return self.workdir / "data" / "raw"
+
+    @property
+    def processed(self) -> Path:
+        return self.workdir / "data" / "processed"
+
+    def asset(self, name: str) -> Path:
+        return self.processed / name

@@ -1,0 +1,239 @@
+"""One function per lineage node. Dagster assets, DVC stages (`pailitao <stage>`) and `pailitao run`
+are thin callers of these; each reads params, calls data/ functions, writes its directory
+atomically and records one MLflow run."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from PIL import Image
+
+from data.ingest import build_catalog
+from data.queries import build_query_sets
+from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError
+from data.sources import load_source
+from data.splits import assign_splits
+from data.validation import CheckOutcome, failed_errors, validate_catalog
+from pailitao.config import Paths
+from pailitao.io import atomic_path, write_json, write_parquet
+from pailitao.tracking import start_run
+
+log = logging.getLogger(__name__)
+LINEAGE = ("raw_catalog", "validated_catalog", "splits", "query_sets")
+
+
+class ValidationFailed(CatalogError):
+    """Blocking validation rules failed; the message lists each one."""
+
+
+@dataclass
+class StageResult:
+    name: str
+    path: Path
+    metrics: dict = field(default_factory=dict)     # numbers: Dagster metadata and MLflow metrics
+    info: dict = field(default_factory=dict)        # strings: Dagster metadata and MLflow tags
+    markdown: dict = field(default_factory=dict)    # name -> markdown for the Dagster UI
+    run_id: str | None = None
+
+    def summary(self) -> dict:
+        return {"path": str(self.path), "mlflow_run_id": self.run_id, **self.metrics, **self.info}
+
+
+def _md_table(df: pd.DataFrame, n: int = 10) -> str:
+    return df.head(n).to_markdown(index=False) if len(df) else "_(empty)_"
+
+
+def _finish(res: StageResult, run) -> StageResult:
+    mlflow.log_metrics({k: float(v) for k, v in res.metrics.items()})
+    mlflow.set_tags({f"pailitao.{k}": str(v)[:500] for k, v in res.info.items()})
+    for name, text in res.markdown.items():
+        mlflow.log_text(text, f"{name}.md")
+    res.run_id = run.info.run_id
+    return res
+
+
+def quarantine_summary(catalog: Catalog) -> str:
+    q = catalog.quarantine
+    if q.empty:
+        return "No image quarantined."
+    reasons = q["reason"].str.split(" (", n=1, regex=False).str[0].value_counts()
+    head = f"{len(q)} of {len(catalog.images)} images quarantined ({len(q) / len(catalog.images):.2%}).\n\n"
+    return (head + reasons.rename_axis("reason").reset_index().to_markdown(index=False)
+            + "\n\nExamples:\n\n" + _md_table(q[["item_id", "reason"]], 10))
+
+
+def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Load the configured source and write the normalized catalog (bad images quarantined)."""
+    paths, t0 = Paths.from_params(params), time.perf_counter()
+    src = load_source(params, paths)
+    catalog = build_catalog(src, paths.asset("raw_catalog"), params)
+    m = catalog.meta
+    res = StageResult("raw_catalog", catalog.root,
+                      metrics={"items": m["items"], "images": m["images"], "instances": m["instances"],
+                               "quarantined": m["quarantined"],
+                               "quarantined_share": m["quarantined"] / max(m["images"], 1),
+                               "seconds": round(time.perf_counter() - t0, 2)},
+                      info={"source": m["source"], "synthetic": m["synthetic"],
+                            "fingerprint": m["fingerprint"], "root": m["root"]},
+                      markdown={"preview": _md_table(catalog.items),
+                                "quarantine": quarantine_summary(catalog)})
+    with start_run("raw_catalog", params, m["fingerprint"], dagster_run_id) as run:
+        mlflow.log_table(catalog.quarantine, "quarantine.json")
+        return _finish(res, run)
+
+
+def check_raw_catalog(params: dict) -> list[CheckOutcome]:
+    """The Great Expectations rules over the raw catalog (Dagster runs them as asset checks)."""
+    return validate_catalog(Catalog.load(Paths.from_params(params).asset("raw_catalog")), params)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file below src into dst (copy across file systems)."""
+    for dirpath, _, files in os.walk(src):
+        target = dst / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            try:
+                os.link(Path(dirpath) / f, target / f)
+            except OSError:
+                shutil.copy2(Path(dirpath) / f, target / f)
+
+
+def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """The raw catalog minus quarantined images and items left without a catalog image. Refuses to
+    run when a blocking validation rule fails (in Dagster the blocking asset checks stop it first;
+    the rules run again here so no caller can skip them)."""
+    paths = Paths.from_params(params)
+    raw = Catalog.load(paths.asset("raw_catalog"))
+    outcomes = validate_catalog(raw, params)
+    failed = failed_errors(outcomes)
+    if failed:
+        raise ValidationFailed("catalog validation failed:\n" +
+                               "\n".join(f"- {o.name}: {o.description}" for o in failed))
+    images = raw.ok_images
+    served = images.loc[images["view"] == CATALOG_VIEW, "item_id"].unique()
+    items = raw.items[raw.items["item_id"].isin(served)].reset_index(drop=True)
+    images = images[images["item_id"].isin(items["item_id"])].reset_index(drop=True)
+    out = paths.asset("validated_catalog")
+    with atomic_path(out) as tmp:
+        _link_tree(raw.root / "images", tmp / "images")
+        items.to_parquet(tmp / "items.parquet", index=False)
+        images.to_parquet(tmp / "images.parquet", index=False)
+        raw.quarantine.to_parquet(tmp / "quarantine.parquet", index=False)
+        if raw.queries is not None:
+            raw.queries.to_parquet(tmp / "queries.parquet", index=False)
+        meta = {**raw.meta, "items": len(items), "images": len(images),
+                "instances": int(items["group_id"].nunique()),
+                "dropped_items": len(raw.items) - len(items),
+                "checks": {o.name: o.passed for o in outcomes}}
+        write_json(meta, tmp / "meta.json")
+    catalog = Catalog.load(out)
+    res = StageResult("validated_catalog", out,
+                      metrics={"items": meta["items"], "images": meta["images"],
+                               "instances": meta["instances"], "dropped_items": meta["dropped_items"],
+                               "checks_passed": sum(o.passed for o in outcomes)},
+                      info={"fingerprint": meta["fingerprint"], "synthetic": meta["synthetic"],
+                            "source": meta["source"]},
+                      markdown={"quarantine": quarantine_summary(catalog),
+                                "categories": catalog.items["category"].value_counts().head(15)
+                                .rename_axis("category").reset_index().to_markdown(index=False)})
+    with start_run("validated_catalog", params, meta["fingerprint"], dagster_run_id) as run:
+        mlflow.log_dict({o.name: vars(o) for o in outcomes}, "checks.json")
+        return _finish(res, run)
+
+
+def splits(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Deterministic train / val / test split by instance."""
+    paths = Paths.from_params(params)
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    table = assign_splits(catalog.items, params["splits"], params["seed"])
+    out = paths.asset("splits")
+    counts = table.groupby("split").agg(items=("item_id", "size"), instances=("group_id", "nunique"))
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        table.to_parquet(tmp / "splits.parquet", index=False)
+        write_json({"fingerprint": catalog.meta["fingerprint"], "counts": counts.to_dict("index")},
+                   tmp / "meta.json")
+    metrics = {f"{s}_{k}": int(counts.loc[s, k]) if s in counts.index else 0
+               for s in ("train", "val", "test") for k in ("items", "instances")}
+    res = StageResult("splits", out, metrics=metrics, info={"fingerprint": catalog.meta["fingerprint"]},
+                      markdown={"splits": counts.reset_index().to_markdown(index=False)})
+    with start_run("splits", params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        return _finish(res, run)
+
+
+def sample_grid(queries: pd.DataFrame, root: Path, source: Catalog, n: int = 6, size: int = 112) -> Image.Image:
+    """Rows: the catalog image, then one query per noise level, for n held-out instances."""
+    levels = list(dict.fromkeys(queries["level"]))
+    groups = list(dict.fromkeys(queries["group_id"]))[:n]
+    grid = Image.new("RGB", (size * len(groups), size * (len(levels) + 1)), "white")
+    paths = source.images.set_index("image_id")["path"]
+    for c, g in enumerate(groups):
+        rows = queries[queries["group_id"] == g]
+        first = rows.iloc[0]
+        cells = [source.image_file(paths[first["source_image_id"]])] if first["source_image_id"] in paths else [None]
+        cells += [root / rows[rows["level"] == lv].iloc[0]["image"] if (rows["level"] == lv).any() else None
+                  for lv in levels]
+        for r, p in enumerate(cells):
+            if p is not None and Path(p).is_file():
+                im = Image.open(p).convert("RGB")
+                im.thumbnail((size - 4, size - 4))
+                grid.paste(im, (c * size + 2, r * size + 2))
+    return grid
+
+
+def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Noisy val / test queries per level (or a manifest's own), with sparse graded judgments."""
+    paths = Paths.from_params(params)
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    table = pd.read_parquet(paths.asset("splits") / "splits.parquet")
+    out = paths.asset("query_sets")
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        queries, qrels = build_query_sets(catalog, table, params, tmp, params["ingest"]["workers"])
+        write_parquet(queries, tmp / "queries.parquet")
+        write_parquet(qrels, tmp / "qrels.parquet")
+        write_json({"fingerprint": catalog.meta["fingerprint"], "queries": len(queries)}, tmp / "meta.json")
+        if queries["source_image_id"].notna().any():
+            sample_grid(queries, tmp, catalog).save(tmp / "preview.png")
+    counts = queries.groupby(["split", "level"]).size()
+    metrics = {f"{s}_{lv}": int(c) for (s, lv), c in counts.items()}
+    metrics.update(queries=len(queries), with_text=int(queries["text"].notna().sum()),
+                   mean_instance_docs=float(queries["n_instance"].mean()) if len(queries) else 0.0)
+    md = {"queries": _md_table(queries[["query_id", "split", "level", "text", "item_id"]], 12)}
+    preview = out / "preview.png"
+    if preview.is_file():
+        md["sample_queries"] = ("Columns: held-out instances. Rows: catalog image, then "
+                                + ", ".join(dict.fromkeys(queries["level"])) + ".\n\n"
+                                + f"![sample queries](data:image/png;base64,"
+                                + base64.b64encode(preview.read_bytes()).decode() + ")")
+    res = StageResult("query_sets", out, metrics=metrics, info={"fingerprint": catalog.meta["fingerprint"]},
+                      markdown=md)
+    with start_run("query_sets", params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        if preview.is_file():
+            mlflow.log_artifact(str(preview))
+        return _finish(res, run)
+
+
+STAGES = {"raw_catalog": raw_catalog, "validated_catalog": validated_catalog,
+          "splits": splits, "query_sets": query_sets}
+
+
+def run_lineage(params: dict, out: Path | None = None) -> dict:
+    """Every stage in order; writes OUT/summary.json when out is given."""
+    results = {}
+    for name in LINEAGE:
+        log.info("stage %s", name)
+        results[name] = STAGES[name](params).summary()
+    summary = {"profile": params["profile"], "dataset": params["dataset"]["source"],
+               "workdir": str(Paths.from_params(params).workdir), "stages": results}
+    if out is not None:
+        write_json(summary, Path(out) / "summary.json")
+    return summary
