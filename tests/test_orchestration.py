@@ -1,0 +1,61 @@
+"""The Dagster Definitions: the lineage job materializes in-process on the tiny profile, and a
+failed blocking Great Expectations check stops everything downstream."""
+import pandas as pd
+from dagster import DagsterInstance
+
+from data.validation import CHECK_NAMES
+from orchestration.definitions import defs
+from orchestration.launch import execute
+from tests.conftest import write_manifest
+
+LINEAGE = ["raw_catalog", "validated_catalog", "splits", "query_sets"]
+
+
+def _materialized(result) -> list[str]:
+    return [ev.event_specific_data.materialization.asset_key.to_user_string()
+            for ev in result.get_asset_materialization_events()]
+
+
+def _checks(result) -> dict:
+    return {ev.event_specific_data.check_name: ev.event_specific_data
+            for ev in result.all_events if ev.event_type_value == "ASSET_CHECK_EVALUATION"}
+
+
+def test_definitions_hold_the_lineage_and_blocking_checks():
+    job = defs.resolve_job_def("lineage")
+    assert job is not None
+    graph = defs.resolve_asset_graph()
+    keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    assert set(LINEAGE) <= keys
+    check_keys = {k.name for k in graph.asset_check_keys}
+    assert set(CHECK_NAMES) <= check_keys
+
+
+def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
+    result = execute(profile="tiny", workdir=str(tmp_path / "work"),
+                     dagster_instance=DagsterInstance.ephemeral())
+    assert result.success
+    assert _materialized(result) == LINEAGE
+    checks = _checks(result)
+    assert set(checks) == set(CHECK_NAMES)
+    assert all(c.passed for n, c in checks.items() if n != "duplicate_images")
+    queries = pd.read_parquet(tmp_path / "work/data/processed/query_sets/queries.parquet")
+    assert set(queries["level"]) == {"clean", "mild", "hard"} and set(queries["split"]) == {"val", "test"}
+    meta = {ev.event_specific_data.materialization.asset_key.to_user_string():
+            ev.event_specific_data.materialization.metadata
+            for ev in result.get_asset_materialization_events()}
+    assert meta["raw_catalog"]["synthetic"].value == "True"
+    assert meta["query_sets"]["sample_queries"].value.count("data:image/png;base64") == 1
+    assert len(meta["splits"]["mlflow_run_id"].value) == 32
+
+
+def test_failed_blocking_check_stops_downstream(tmp_path, mlflow_uri):
+    root = write_manifest(tmp_path / "m", n_items=6)
+    items = (root / "items.csv").read_text().splitlines()
+    (root / "items.csv").write_text("\n".join(items + [items[1]]) + "\n")  # duplicate item_id
+    result = execute(profile="tiny", dataset=str(root), workdir=str(tmp_path / "work"),
+                     dagster_instance=DagsterInstance.ephemeral())
+    assert _materialized(result) == ["raw_catalog"]
+    checks = _checks(result)
+    assert not checks["unique_item_id"].passed
+    assert not (tmp_path / "work/data/processed/validated_catalog").exists()
