@@ -38,6 +38,7 @@ test-all: setup
 
 # Start servers from a shell with job control so Ctrl-C / SIGTERM stops them and their children.
 ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME) && cp -n orchestration/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	set -m; $(VENV)/bin/dagster dev -m orchestration.definitions -h $(HOST) -p 3000
 
 mlflow-ui: $(STAMP)

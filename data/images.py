@@ -5,6 +5,7 @@ header dimensions run before any pixel is decoded, so a decompression bomb is re
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -105,7 +106,7 @@ def normalize_file(src: str, out_dir: str, cfg: dict, reuse_dir: str | None = No
         prev = Path(reuse_dir) / rel if reuse_dir else None
         dst.parent.mkdir(parents=True, exist_ok=True)
         if prev is not None and prev.is_file():
-            if not dst.exists():
+            with contextlib.suppress(FileExistsError):  # a byte twin in another worker got there first
                 os.link(prev, dst)
             norm = Image.open(dst)
             norm.load()

@@ -1,6 +1,5 @@
 """Data domain: raw_catalog -> validated_catalog -> splits -> query_sets, and the blocking
 Great Expectations checks on raw_catalog. Bodies only call pailitao.stages."""
-from __future__ import annotations
 
 from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, AssetExecutionContext,
                      MaterializeResult, MetadataValue, asset, multi_asset_check)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 from dagster import DagsterInstance
 from rich.console import Console
@@ -12,8 +14,10 @@ from pailitao.config import REPO_ROOT
 
 
 def instance() -> DagsterInstance:
-    home = os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster"))
-    os.makedirs(home, exist_ok=True)
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(REPO_ROOT / ".dagster")))
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(Path(__file__).with_name("dagster.yaml"), home / "dagster.yaml")
     return DagsterInstance.get()
 
 
@@ -24,7 +28,8 @@ def execute(profile: str | None = None, dataset: str | None = None, workdir: str
     config = {"profile": profile or "", "dataset": dataset or "", "workdir": workdir or ""}
     return defs.resolve_job_def("lineage").execute_in_process(
         instance=dagster_instance or instance(), raise_on_error=False,
-        run_config={"resources": {"pipeline": {"config": config}}})
+        run_config={"resources": {"pipeline": {"config": config}},
+                    "loggers": {"console": {"config": {"log_level": "INFO"}}}})
 
 
 def run_job(profile: str | None, dataset: str | None) -> int:

@@ -1,5 +1,4 @@
 """Resources injected into every asset: which params profile / dataset / workdir, and MLflow."""
-from __future__ import annotations
 
 import os
 
@@ -16,7 +15,7 @@ class PipelineConfig(ConfigurableResource):
     dataset: str = ""
     workdir: str = ""
 
-    def params(self, mlflow: "MlflowTracking | None" = None) -> dict:
+    def params(self, mlflow: "MlflowTracking | None" = None) -> dict:  # noqa: UP037
         overrides = dataset_override(self.dataset or None)
         if self.workdir:
             overrides = deep_merge(overrides, {"workdir": self.workdir})

@@ -2,6 +2,7 @@
 run; validation turns the quarantined share into a pass or a fail; writes are atomic."""
 import os
 
+import pandas as pd
 import pytest
 
 from data import images as img
@@ -97,3 +98,15 @@ def test_second_ingest_reuses_normalized_images(tmp_path, make_params):
     b = build_catalog(load_manifest(root), out, params)
     assert b.meta["fingerprint"] == a.meta["fingerprint"]
     assert all(os.stat(b.image_file(r)).st_ino == i for r, i in inode.items())  # linked, not rewritten
+
+
+def test_parallel_reingest_with_byte_twins(tmp_path, make_params):
+    """Two workers meeting byte-identical images (which share one normalized file), twice."""
+    params = make_params({"ingest": {"workers": 2}})
+    root = write_manifest(tmp_path / "m", n_items=8)
+    images = pd.read_csv(root / "images.csv")
+    twins = pd.DataFrame({"item_id": images["item_id"].iloc[0], "image": images["image"].tolist() * 10})
+    pd.concat([images, twins]).to_csv(root / "images.csv", index=False)  # > 64 images: the pool runs
+    for _ in range(2):
+        cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
+        assert len(cat.quarantine) == 0 and len(cat.images) == len(images) + len(twins)

@@ -1,0 +1,54 @@
+"""The CLI: `pailitao run` on a manifest directory, per-stage commands, clear errors."""
+import json
+
+import pandas as pd
+
+from pailitao.cli import main
+from tests.conftest import write_manifest
+
+
+def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
+    root = write_manifest(tmp_path / "m", n_items=24, groups={1: "g1", 2: "g1"})
+    out = tmp_path / "out"
+    assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets"}
+    assert summary["stages"]["raw_catalog"]["source"] == "manifest"
+    assert summary["stages"]["raw_catalog"]["items"] == 24
+    assert all(len(s["mlflow_run_id"]) == 32 for s in summary["stages"].values())
+    q = pd.read_parquet(out / "data/processed/query_sets/queries.parquet")
+    assert len(q) and (out / "data/processed/query_sets" / q["image"].iloc[0]).is_file()
+
+
+def test_manifest_queries_are_used_as_given(tmp_path, mlflow_uri):
+    root = write_manifest(tmp_path / "m", n_items=12, queries=True)
+    out = tmp_path / "out"
+    assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out)]) == 0
+    q = pd.read_parquet(out / "data/processed/query_sets/queries.parquet").set_index("query_id")
+    assert list(q.index) == ["q1", "q2"] and set(q["level"]) == {"given"}
+    assert q.loc["q2", "text"] == "product 2 mug" and pd.isna(q.loc["q2", "image"])
+    assert (out / "data/processed/query_sets" / q.loc["q1", "image"]).is_file()
+    assert q.loc["q1", "n_instance"] == 1
+
+
+def test_bad_manifest_exits_2_naming_file_and_column(tmp_path, mlflow_uri, capsys):
+    root = write_manifest(tmp_path / "m", n_items=3)
+    pd.read_csv(root / "items.csv").drop(columns=["title"]).to_csv(root / "items.csv", index=False)
+    code = main(["raw_catalog", "--dataset", str(root), "--profile", "tiny", "--workdir", str(tmp_path / "w")])
+    assert code == 2
+    assert "items.csv: missing column 'title'" in capsys.readouterr().err
+
+
+def test_validate_prints_each_rule(tmp_path, mlflow_uri, capsys):
+    root = write_manifest(tmp_path / "m", n_items=6)
+    args = ["--dataset", str(root), "--profile", "tiny", "--workdir", str(tmp_path / "w")]
+    assert main(["raw_catalog", *args]) == 0
+    capsys.readouterr()
+    assert main(["validate", *args]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  unique_item_id" in out and "images_decode" in out
+
+
+def test_unknown_profile_is_a_clear_error(tmp_path, capsys):
+    assert main(["splits", "--profile", "huge", "--workdir", str(tmp_path)]) == 2
+    assert "unknown profile 'huge'" in capsys.readouterr().err
