@@ -21,7 +21,7 @@ def to_metadata(res: stages.StageResult) -> dict:
     return md
 
 
-def _materialize(stage, context: AssetExecutionContext, pipeline: PipelineConfig,
+def materialize(stage, context: AssetExecutionContext, pipeline: PipelineConfig,
                  mlflow: MlflowTracking) -> MaterializeResult:
     res = stage(pipeline.params(mlflow), dagster_run_id=context.run_id)
     return MaterializeResult(metadata=to_metadata(res))
@@ -32,7 +32,7 @@ def raw_catalog(context: AssetExecutionContext, pipeline: PipelineConfig,
                 mlflow: MlflowTracking) -> MaterializeResult:
     """The configured catalog source, normalized: Parquet tables plus RGB-on-white images; bad
     images go to the quarantine table with their reason."""
-    return _materialize(stages.raw_catalog, context, pipeline, mlflow)
+    return materialize(stages.raw_catalog, context, pipeline, mlflow)
 
 
 @multi_asset_check(specs=[AssetCheckSpec(name, asset="raw_catalog", blocking=True) for name in CHECK_NAMES])
@@ -49,21 +49,21 @@ def raw_catalog_checks(pipeline: PipelineConfig):
 def validated_catalog(context: AssetExecutionContext, pipeline: PipelineConfig,
                       mlflow: MlflowTracking) -> MaterializeResult:
     """The catalog that passed validation: quarantined images and image-less items removed."""
-    return _materialize(stages.validated_catalog, context, pipeline, mlflow)
+    return materialize(stages.validated_catalog, context, pipeline, mlflow)
 
 
 @asset(group_name=GROUP, deps=[validated_catalog], kinds={"python", "parquet"})
 def splits(context: AssetExecutionContext, pipeline: PipelineConfig,
            mlflow: MlflowTracking) -> MaterializeResult:
     """Deterministic train / val / test split by instance (a manifest's split column wins)."""
-    return _materialize(stages.splits, context, pipeline, mlflow)
+    return materialize(stages.splits, context, pipeline, mlflow)
 
 
 @asset(group_name=GROUP, deps=[validated_catalog, splits], kinds={"python", "parquet"})
 def query_sets(context: AssetExecutionContext, pipeline: PipelineConfig,
                mlflow: MlflowTracking) -> MaterializeResult:
     """Noisy shopper-like val / test queries at clean / mild / hard levels, with graded judgments."""
-    return _materialize(stages.query_sets, context, pipeline, mlflow)
+    return materialize(stages.query_sets, context, pipeline, mlflow)
 
 
 ASSETS = [raw_catalog, validated_catalog, splits, query_sets]

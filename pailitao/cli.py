@@ -28,9 +28,9 @@ def _print(obj) -> None:
 
 
 def cmd_stage(args) -> int:
-    from pailitao import stages
+    from pailitao.lineage import STAGES
 
-    _print(stages.STAGES[args.command](_params(args)).summary())
+    _print(STAGES[args.command](_params(args)).summary())
     return 0
 
 
@@ -45,12 +45,12 @@ def cmd_validate(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from pailitao import stages
+    from pailitao.lineage import run_lineage
 
     out = Path(args.out).resolve()
     params = load_params(args.profile, deep_merge(dataset_override(args.dataset), {"workdir": str(out)}),
                          args.params)
-    summary = stages.run_lineage(params, out)
+    summary = run_lineage(params, out)
     _print(summary)
     print(f"\nwrote {out / 'summary.json'}")
     return 0
@@ -63,7 +63,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pailitao.stages import STAGES
+    from pailitao.lineage import STAGES
 
     p = argparse.ArgumentParser(prog="pailitao", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")

@@ -26,7 +26,6 @@ from pailitao.io import atomic_path, write_json, write_parquet
 from pailitao.tracking import start_run
 
 log = logging.getLogger(__name__)
-LINEAGE = ("raw_catalog", "validated_catalog", "splits", "query_sets")
 
 
 class ValidationFailed(CatalogError):
@@ -222,18 +221,5 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
         return _finish(res, run)
 
 
-STAGES = {"raw_catalog": raw_catalog, "validated_catalog": validated_catalog,
-          "splits": splits, "query_sets": query_sets}
-
-
-def run_lineage(params: dict, out: Path | None = None) -> dict:
-    """Every stage in order; writes OUT/summary.json when out is given."""
-    results = {}
-    for name in LINEAGE:
-        log.info("stage %s", name)
-        results[name] = STAGES[name](params).summary()
-    summary = {"profile": params["profile"], "dataset": params["dataset"]["source"],
-               "workdir": str(Paths.from_params(params).workdir), "stages": results}
-    if out is not None:
-        write_json(summary, Path(out) / "summary.json")
-    return summary
+DATA_STAGES = {"raw_catalog": raw_catalog, "validated_catalog": validated_catalog,
+               "splits": splits, "query_sets": query_sets}

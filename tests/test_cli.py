@@ -12,7 +12,11 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     out = tmp_path / "out"
     assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets"}
+    assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets",
+                                      "stage1_embedder", "semantic_prototypes", "embedding_model",
+                                      "baseline_embedder"}
+    for arm in ("embedding_model", "baseline_embedder"):  # both models trained, metrics in the summary
+        assert "val_all_I_HR_at_1" in summary["stages"][arm]
     assert summary["stages"]["raw_catalog"]["source"] == "manifest"
     assert summary["stages"]["raw_catalog"]["items"] == 24
     assert all(len(s["mlflow_run_id"]) == 32 for s in summary["stages"].values())

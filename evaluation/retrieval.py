@@ -1,0 +1,69 @@
+"""Offline retrieval evaluation of an embedder: the whole catalog is the gallery (exact inner-product
+search), queries come from query_sets, levels from the catalog judgments, metrics per noise level."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from data.judgments import relevance
+from data.schema import CATALOG_VIEW, Catalog
+from evaluation.metrics import retrieval_report
+
+TOP_K = 100
+
+
+def gallery(catalog: Catalog) -> pd.DataFrame:
+    """The served images (view catalog) with their item's title, group and category."""
+    g = catalog.ok_images[catalog.ok_images["view"] == CATALOG_VIEW]
+    return g.merge(catalog.items[["item_id", "title", "group_id", "category"]], on="item_id") \
+        .sort_values("image_id").reset_index(drop=True)
+
+
+def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
+    g = gallery(catalog)
+    emb = embedder.encode([Image.open(catalog.image_file(p)).convert("RGB") for p in g["path"]],
+                          g["title"].tolist(), batch_size=batch_size, dim=dim, progress=True)
+    return g, emb
+
+
+def encode_queries(embedder, queries: pd.DataFrame, root: Path, dim: int, batch_size: int = 64) -> np.ndarray:
+    images = [Image.open(root / p).convert("RGB") if isinstance(p, str) else None for p in queries["image"]]
+    texts = [t if isinstance(t, str) else None for t in queries["text"]]
+    return embedder.encode(images, texts, batch_size=batch_size, dim=dim, progress=True)
+
+
+def rank_items(q_emb: np.ndarray, g: pd.DataFrame, g_emb: np.ndarray, k: int = TOP_K) -> np.ndarray:
+    """Top-k distinct item ids per query (an item with several catalog images counts once)."""
+    index = faiss.IndexFlatIP(g_emb.shape[1])
+    index.add(np.ascontiguousarray(g_emb, dtype=np.float32))
+    _, nn = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(len(g), k * 2))
+    ids = g["item_id"].to_numpy()
+    out = np.full((len(q_emb), k), None, dtype=object)
+    for qi, row in enumerate(nn):
+        seen = list(dict.fromkeys(ids[j] for j in row if j >= 0))[:k]
+        out[qi, :len(seen)] = seen
+    return out
+
+
+def evaluate(embedder, catalog: Catalog, queries: pd.DataFrame, query_root: Path, dim: int,
+             gallery_cache: tuple[pd.DataFrame, np.ndarray] | None = None) -> pd.DataFrame:
+    """retrieval_report per noise level (+ 'all') for these queries against the whole catalog
+    (an empty frame when there are no queries)."""
+    if queries.empty:
+        return pd.DataFrame(index=pd.Index([], name="group"))
+    g, g_emb = gallery_cache or encode_gallery(embedder, catalog, dim)
+    ranked = rank_items(encode_queries(embedder, queries, query_root, dim), g, g_emb)
+    items = catalog.items.set_index("item_id")
+    qt = items.loc[queries["item_id"]]
+    flat = ranked.ravel()
+    known = np.array([x is not None for x in flat])
+    d_group = np.where(known, items["group_id"].reindex(flat).to_numpy(), "\0none")
+    d_cat = np.where(known, items["category"].reindex(flat).to_numpy(), "\0none")
+    levels = np.stack([relevance([qg], [qc], d_group[i * TOP_K:(i + 1) * TOP_K], d_cat[i * TOP_K:(i + 1) * TOP_K])[0]
+                       for i, (qg, qc) in enumerate(zip(qt["group_id"], qt["category"]))])
+    return retrieval_report(levels, queries["n_instance"].to_numpy(), queries["n_concept"].to_numpy(),
+                            ks=(1, 5, 10), groups=queries["level"].reset_index(drop=True))

@@ -1,0 +1,197 @@
+"""Embedding lineage nodes: stage1_embedder -> semantic_prototypes -> embedding_model, and the
+control baseline_embedder. Each is one MLflow run; checkpoints are registered in the registry."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import numpy as np
+import pandas as pd
+from lightning.pytorch.loggers import MLFlowLogger
+from PIL import Image
+
+from data.schema import Catalog
+from evaluation.retrieval import encode_gallery, evaluate
+from pailitao.config import Paths, fingerprint
+from pailitao.io import atomic_path, write_json, write_parquet
+from pailitao.registry import log_embedder
+from pailitao.stages import StageResult, _finish
+from pailitao.tracking import start_run, tracking_uri
+from training.backbone import MLLMEmbedder
+from training.data import PairDataset, TrainItems
+from training.margin_head import PrototypeHead
+from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader
+from training.prototypes import curate, prototype_labels
+
+log = logging.getLogger(__name__)
+VAL_LEVELS = ("clean", "hard")   # validation retrieval during the lineage: both ends of the noise range
+VAL_QUERIES = 200                # per level, so validation stays a small share of training time
+
+
+def _inputs(params: dict) -> tuple[Paths, Catalog, pd.DataFrame]:
+    paths = Paths.from_params(params)
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    return paths, catalog, pd.read_parquet(paths.asset("splits") / "splits.parquet")
+
+
+def _work_dir(paths: Paths, stage: str, params: dict, catalog: Catalog) -> Path:
+    """Checkpoints of an unfinished run live here, keyed by what decides the result, so a killed
+    run resumes only into an identical configuration."""
+    key = fingerprint([catalog.meta["fingerprint"], params["model"], params["train"],
+                       params["margin"], params["prototypes"], params["seed"], stage])
+    return paths.processed / ".work" / f"{stage}-{key}"
+
+
+def validation_report(embedder: MLLMEmbedder, catalog: Catalog, params: dict, split: str = "val",
+                      levels=VAL_LEVELS, per_level: int | None = VAL_QUERIES) -> pd.DataFrame:
+    root = Paths.from_params(params).asset("query_sets")
+    q = pd.read_parquet(root / "queries.parquet")
+    q = q[(q["split"] == split) & q["level"].isin(levels)]
+    if per_level:
+        q = q.groupby("level", group_keys=False).head(per_level)
+    return evaluate(embedder, catalog, q.reset_index(drop=True), root,
+                    params["model"]["served_dim"]).reset_index()
+
+
+def _report_metrics(report: pd.DataFrame, prefix: str = "val") -> dict:
+    out = {}
+    for group, row in report.set_index("group").iterrows():
+        for col in ("I-HR@1", "I-HR@10", "R@1", "R@10", "mAP@R"):
+            if col in row and pd.notna(row[col]):
+                out[f"{prefix}_{group}_{col}".replace("@", "_at_").replace("-", "_")] = float(row[col])
+    return out
+
+
+def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str | None,
+           init: Path | None) -> StageResult:
+    paths, catalog, splits = _inputs(params)
+    out = paths.asset(stage)
+    items = TrainItems.from_catalog(catalog, splits)
+    t0 = time.perf_counter()
+    head, neighbours, extra = None, None, {}
+    if mode == ID:
+        proto_dir = paths.asset("semantic_prototypes")
+        protos = pd.read_parquet(proto_dir / "prototypes.parquet")
+        labels = prototype_labels(pd.read_parquet(proto_dir / "assignment.parquet"), protos)
+        m = params["margin"]
+        head = PrototypeHead(np.load(proto_dir / "centroids.npy"), params["model"]["mrl_dims"],
+                             params["model"]["mrl_weights"], m["margin"], m["temperature"],
+                             knn_fraction=m["knn_fraction"], refresh_steps=m["knn_refresh_steps"],
+                             seed=params["seed"])
+        neighbours = head.neighbours(params["train"]["batch_size"])
+        extra["prototypes"] = len(protos)
+    else:
+        groups = sorted(items.table["group_id"].unique())
+        index = {g: i for i, g in enumerate(groups)}
+        labels = dict(zip(items.table["item_id"], items.table["group_id"].map(index)))
+    L.seed_everything(params["seed"], workers=True)   # model init and sampling are reproducible
+    embedder = MLLMEmbedder.from_pretrained(init) if init else \
+        MLLMEmbedder.from_params(params["model"], items.table["title"].tolist())
+    dataset = PairDataset(items, labels, params)
+    module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset)
+    work = _work_dir(paths, stage, params, catalog)
+    with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
+        callbacks = [HardNegativeMiner(params["train"]["hard_refresh_steps"], params["train"]["hard_negatives"])] \
+            if mode == CONTRASTIVE else []
+        trainer = fit(module, make_loader(dataset, params, neighbours), params, work, steps, logger, callbacks)
+        train_s = time.perf_counter() - t0
+        samples = steps * params["train"]["batch_size"]
+        report = validation_report(embedder, catalog, params)
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            embedder.save_pretrained(tmp / "model")
+            write_parquet(report, tmp / "val_report.parquet")
+            write_json({"fingerprint": catalog.meta["fingerprint"], "mode": mode, "steps": steps,
+                        "init": str(init) if init else None}, tmp / "meta.json")
+        version = log_embedder(out / "model", stage)
+        shutil.rmtree(work, ignore_errors=True)   # finished: nothing to resume
+        loss = trainer.callback_metrics.get("train/loss")
+        res = StageResult(stage, out,
+                          metrics={"steps": trainer.global_step, "samples": samples,
+                                   "train_seconds": round(train_s, 1),
+                                   "samples_per_second": round(samples / max(train_s, 1e-9), 2),
+                                   "final_loss": float(loss) if loss is not None else float("nan"),
+                                   **_report_metrics(report), **extra},
+                          info={"mode": mode, "registered_version": version,
+                                "fingerprint": catalog.meta["fingerprint"]},
+                          markdown={"validation": report.to_markdown(index=False, floatfmt=".2f")
+                                    if len(report) else "_no validation queries_",
+                                    "loss_curve": loss_curve_markdown(run.info.run_id, params)})
+        mlflow.log_table(report, "val_report.json")
+        return _finish(res, run)
+
+
+def loss_curve_markdown(run_id: str, params: dict) -> str:
+    """The train/loss history of the run as a PNG, inline (Dagster UI) and as an MLflow artifact."""
+    import base64
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = mlflow.MlflowClient(tracking_uri(params)).get_metric_history(run_id, "train/loss")
+    if not hist:
+        return "_no loss logged_"
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=80)
+    ax.plot([h.step for h in hist], [h.value for h in hist], lw=1)
+    ax.set_xlabel("step"), ax.set_ylabel("train loss"), ax.grid(alpha=0.3)
+    fig.tight_layout()
+    mlflow.log_figure(fig, "loss_curve.png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return f"![loss](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
+
+
+def stage1_embedder(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Stage 1: MLLM2vec trained with InfoNCE (in-batch + mined hard negatives) and Matryoshka."""
+    return _train("stage1_embedder", params, CONTRASTIVE, params["train"]["stage1_steps"], dagster_run_id, None)
+
+
+def embedding_model(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Stage 3: backbone + prototype head, additive angular margin over KNN-sparse negatives."""
+    init = Paths.from_params(params).asset("stage1_embedder") / "model"
+    return _train("embedding_model", params, ID, params["train"]["stage3_steps"], dagster_run_id, init)
+
+
+def baseline_embedder(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """The control: stage 1 continued contrastively for the same steps as stage 3 (same budget)."""
+    init = Paths.from_params(params).asset("stage1_embedder") / "model"
+    return _train("baseline_embedder", params, CONTRASTIVE, params["train"]["stage3_steps"], dagster_run_id, init)
+
+
+def semantic_prototypes(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Stage 2: prototype library curated from stage-1 embeddings of the train items."""
+    paths, catalog, splits = _inputs(params)
+    embedder = MLLMEmbedder.from_pretrained(paths.asset("stage1_embedder") / "model")
+    items = TrainItems.from_catalog(catalog, splits)
+    emb = embedder.encode([Image.open(p).convert("RGB") for p in items.table["image"]],
+                          items.table["title"].tolist(), batch_size=64, progress=True)
+    result = curate(items.table, emb, params["prototypes"])
+    out = paths.asset("semantic_prototypes")
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        result.prototypes.to_parquet(tmp / "prototypes.parquet", index=False)
+        np.save(tmp / "centroids.npy", result.centroids)
+        result.assignment.to_parquet(tmp / "assignment.parquet", index=False)
+        result.report.to_parquet(tmp / "report.parquet", index=False)
+        write_json({"fingerprint": catalog.meta["fingerprint"], **result.stats}, tmp / "meta.json")
+    numeric = {k: v for k, v in result.stats.items() if isinstance(v, (int, float, np.integer, np.floating))}
+    res = StageResult("semantic_prototypes", out, metrics=numeric,
+                      info={"fingerprint": catalog.meta["fingerprint"]},
+                      markdown={"events": result.report["kind"].value_counts().rename_axis("event")
+                                .reset_index().to_markdown(index=False) if len(result.report) else "_no merges or prunes_",
+                                "examples": result.report.head(15).to_markdown(index=False) if len(result.report) else ""})
+    with start_run("semantic_prototypes", params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        mlflow.log_table(result.report, "curation_report.json")
+        return _finish(res, run)
+
+
+MODEL_STAGES = {"stage1_embedder": stage1_embedder, "semantic_prototypes": semantic_prototypes,
+                "embedding_model": embedding_model, "baseline_embedder": baseline_embedder}

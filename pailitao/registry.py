@@ -1,0 +1,44 @@
+"""MLflow Model Registry: an embedder checkpoint (transformers save_pretrained form) logged as a
+pyfunc model whose predict() embeds rows of (image path, text), and registered under a name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+EMBEDDER_NAMES = {"stage1_embedder": "pailitao-stage1-embedder",
+                  "embedding_model": "pailitao-id-embedder",
+                  "baseline_embedder": "pailitao-contrastive-embedder"}
+
+
+class EmbedderModel(mlflow.pyfunc.PythonModel):
+    """predict(DataFrame with columns image (a path or empty) and text) -> [N, D] embeddings."""
+
+    def load_context(self, context):
+        from training.backbone import MLLMEmbedder
+
+        self.embedder = MLLMEmbedder.from_pretrained(context.artifacts["model"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+        from PIL import Image
+
+        images = [Image.open(p).convert("RGB") if isinstance(p, str) and p else None
+                  for p in model_input.get("image", [None] * len(model_input))]
+        texts = [t if isinstance(t, str) and t else None for t in model_input.get("text", [None] * len(model_input))]
+        dim = (params or {}).get("dim")
+        return self.embedder.encode(images, texts, dim=dim)
+
+
+def log_embedder(model_dir: Path, stage: str) -> str:
+    """Log the checkpoint to the active run and register it; returns the registered version."""
+    import torch
+    import transformers
+
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=EmbedderModel(), artifacts={"model": str(model_dir)},
+        registered_model_name=EMBEDDER_NAMES[stage],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"transformers=={transformers.__version__}", "pillow", "pandas"])
+    return str(info.registered_model_version)

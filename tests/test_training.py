@@ -1,0 +1,142 @@
+"""Embedding training on the tiny profile: the lineage stages, loss goes down, resume after a
+kill, the registry round trip, and a two-process DDP run on CPU (gloo)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import lightning as L
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data.schema import Catalog
+from pailitao import model_stages, stages
+from pailitao.config import Paths, deep_merge, load_params
+from pailitao.registry import EMBEDDER_NAMES
+from training.backbone import MLLMEmbedder
+from training.data import PairDataset, TrainItems
+from training.modules import CONTRASTIVE, EmbeddingModule, fit, make_loader
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Data stages + stage 1 + prototypes on the tiny profile, once for this module."""
+    root = tmp_path_factory.mktemp("tiny")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
+    params = load_params("tiny", {"workdir": str(root / "work")})
+    for fn in stages.DATA_STAGES.values():
+        fn(params)
+    model_stages.stage1_embedder(params)
+    model_stages.semantic_prototypes(params)
+    yield params
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def _dataset(params):
+    paths = Paths.from_params(params)
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    items = TrainItems.from_catalog(catalog, pd.read_parquet(paths.asset("splits") / "splits.parquet"))
+    groups = {g: i for i, g in enumerate(sorted(items.table["group_id"].unique()))}
+    labels = dict(zip(items.table["item_id"], items.table["group_id"].map(groups)))
+    return items, PairDataset(items, labels, params)
+
+
+class LossRecorder(L.Callback):
+    def __init__(self, fail_at: int | None = None):
+        self.losses, self.steps, self.fail_at = [], [], fail_at
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+        if self.fail_at is not None and trainer.global_step == self.fail_at:
+            raise RuntimeError("killed")  # a crash midway: the periodic checkpoint stays behind
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def test_tiny_contrastive_training_loss_goes_down(tiny, tmp_path):
+    params = deep_merge(tiny, {"train": {"lr": 3e-4, "warmup": 0.0, "hard_negatives": 0}})
+    items, ds = _dataset(params)
+    L.seed_everything(0)
+    module = EmbeddingModule(MLLMEmbedder.from_params(params["model"], items.table["title"].tolist()),
+                             params, CONTRASTIVE, total_steps=40, dataset=ds)
+    rec = LossRecorder()
+    fit(module, make_loader(ds, params), params, tmp_path, 40, callbacks=[rec])
+    assert np.mean(rec.losses[-8:]) < 0.8 * np.mean(rec.losses[:8]), rec.losses
+
+
+def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
+    items, ds = _dataset(tiny)
+    make = lambda: EmbeddingModule(MLLMEmbedder.from_params(tiny["model"], items.table["title"].tolist()),
+                                   tiny, CONTRASTIVE, total_steps=6, dataset=ds)
+    killed = LossRecorder(fail_at=4)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(make(), make_loader(ds, tiny), tiny, tmp_path, 6, callbacks=[killed])
+    assert (tmp_path / "ckpt/last.ckpt").is_file()
+    resumed = LossRecorder()
+    trainer = fit(make(), make_loader(ds, tiny), tiny, tmp_path, 6, callbacks=[resumed])
+    assert resumed.steps[0] == tiny["train"]["val_check_steps"]  # continued from the step-3 checkpoint
+    assert trainer.global_step == 6
+
+
+def test_id_model_and_control_train_with_the_same_budget_and_register(tiny):
+    treat = model_stages.embedding_model(tiny)
+    control = model_stages.baseline_embedder(tiny)
+    assert treat.metrics["samples"] == control.metrics["samples"]
+    assert treat.metrics["steps"] == control.metrics["steps"] == tiny["train"]["stage3_steps"]
+    assert treat.info["mode"] == "id" and control.info["mode"] == "contrastive"
+    for res in (treat, control):
+        assert "val_all_I_HR_at_1" in res.metrics and (res.path / "model/model.safetensors").is_file()
+    client = mlflow.MlflowClient()
+    for stage in ("embedding_model", "baseline_embedder"):
+        assert client.get_latest_versions(EMBEDDER_NAMES[stage])
+    # the registered pyfunc embeds like the checkpoint it was made from
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{EMBEDDER_NAMES['embedding_model']}/latest")
+    img = next((treat.path.parent / "validated_catalog/images").rglob("*.png"))
+    got = pyfunc.predict(pd.DataFrame({"image": [str(img)], "text": ["a thing"]}))
+    want = MLLMEmbedder.from_pretrained(treat.path / "model").encode([Image.open(img).convert("RGB")], ["a thing"])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    import pandas as pd
+    from data.schema import Catalog
+    from pailitao.config import Paths, deep_merge, load_params
+    from training.backbone import MLLMEmbedder
+    from training.data import PairDataset, TrainItems
+    from training.margin_head import PrototypeHead
+    from training.modules import ID, EmbeddingModule, fit, make_loader
+    from training.prototypes import prototype_labels
+    import numpy as np
+
+    work, out = sys.argv[1], sys.argv[2]
+    params = load_params("tiny", {"workdir": work, "train": {"strategy": "ddp", "devices": 2,
+                                                             "batch_size": 4, "val_check_steps": 2}})
+    paths = Paths.from_params(params)
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    items = TrainItems.from_catalog(catalog, pd.read_parquet(paths.asset("splits") / "splits.parquet"))
+    protos = pd.read_parquet(paths.asset("semantic_prototypes") / "prototypes.parquet")
+    labels = prototype_labels(pd.read_parquet(paths.asset("semantic_prototypes") / "assignment.parquet"), protos)
+    m = params["model"]
+    head = PrototypeHead(np.load(paths.asset("semantic_prototypes") / "centroids.npy"), m["mrl_dims"],
+                         m["mrl_weights"], 0.2, 0.05, knn_fraction=0.5, refresh_steps=2)
+    ds = PairDataset(items, labels, params)
+    module = EmbeddingModule(MLLMEmbedder.from_pretrained(paths.asset("stage1_embedder") / "model"),
+                             params, ID, total_steps=3, head=head, dataset=ds)
+    trainer = fit(module, make_loader(ds, params, head.neighbours(4)), params, out, 3)
+    print(f"RANK {trainer.global_rank} WORLD {trainer.world_size} STEPS {trainer.global_step}")
+""")
+
+
+def test_two_process_ddp_on_cpu_completes_a_few_steps(tiny, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PL_DISABLE_FORK": "1"}
+    r = subprocess.run([sys.executable, str(script), tiny["workdir"], str(tmp_path / "ddp")], env=env,
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "WORLD 2 STEPS 3" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

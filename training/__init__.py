@@ -1,0 +1,1 @@
+"""Training: MLLM2vec backbone, prototype curation, margin head, losses, Lightning modules."""

@@ -1,0 +1,128 @@
+"""Lightning training for the embedding: contrastive (stage 1 and the control) and ID recognition
+(stage 3: backbone + prototype head end to end), with hard-negative mining, checkpoints, resume."""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import faiss
+import lightning as L
+import numpy as np
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from training.backbone import MLLMEmbedder
+from training.data import PairDataset, RandomBatchSampler, SimilarPrototypeBatchSampler, collate
+from training.losses import info_nce_mrl
+from training.margin_head import PrototypeHead
+
+log = logging.getLogger(__name__)
+CONTRASTIVE, ID = "contrastive", "id"
+
+
+class EmbeddingModule(L.LightningModule):
+    def __init__(self, embedder: MLLMEmbedder, params: dict, mode: str, total_steps: int,
+                 head: PrototypeHead | None = None, dataset: PairDataset | None = None):
+        super().__init__()
+        if mode not in (CONTRASTIVE, ID):
+            raise ValueError(f"unknown training mode {mode!r}: use {CONTRASTIVE!r} or {ID!r}")
+        if mode == ID and head is None:
+            raise ValueError("ID training needs a PrototypeHead")
+        self.embedder, self.head, self.mode = embedder, head, mode
+        self.m, self.t = params["model"], params["train"]
+        self.total_steps, self.dataset = total_steps, dataset
+        self.hard: np.ndarray | None = None   # [N, H] dataset indices of mined hard negatives
+        self.embedder.train()   # from_pretrained hands back an eval-mode model
+
+    def embed(self, images, texts) -> torch.Tensor:
+        return self.embedder(self.embedder.prepare(images, texts))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        item = self.embed(batch["item_image"], batch["item_text"])
+        query = self.embed(batch["query_image"], batch["query_text"])
+        labels = batch["label"]
+        if self.mode == ID:
+            loss, info = self.head(torch.cat([item, query]), torch.cat([labels, labels]))
+            self.log("train/classes_scored", float(info["classes_scored"]))
+        else:
+            hard = self.hard_negatives(batch["index"])
+            loss, per_dim = info_nce_mrl(query, item, self.m["mrl_dims"], self.m["mrl_weights"],
+                                         self.m["mrl_temperatures"], hard_negatives=hard, labels=labels)
+            for d, v in per_dim.items():
+                self.log(f"train/loss_d{d}", v)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def hard_negatives(self, index: torch.Tensor) -> torch.Tensor | None:
+        if self.hard is None or self.dataset is None:
+            return None
+        idx = self.hard[index.cpu().numpy()]                        # [B, H]
+        rows = self.dataset.t.iloc[idx.ravel()]
+        from PIL import Image
+        emb = self.embed([Image.open(p).convert("RGB") for p in rows["image"]], rows["title"].tolist())
+        return emb.view(idx.shape[0], idx.shape[1], -1)
+
+    def configure_optimizers(self):
+        params = list(self.embedder.parameters()) + (list(self.head.parameters()) if self.head else [])
+        opt = torch.optim.AdamW(params, lr=self.t["lr"], weight_decay=self.t["weight_decay"])
+        sched = get_cosine_schedule_with_warmup(opt, math.ceil(self.t["warmup"] * self.total_steps),
+                                                self.total_steps)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+class HardNegativeMiner(L.Callback):
+    """Every N steps: embed every train item (item side) with the current model and keep, per item,
+    its nearest items of other classes as hard negatives for InfoNCE."""
+
+    def __init__(self, every: int, k: int, batch_size: int = 64):
+        self.every, self.k, self.bs = every, k, batch_size
+
+    def on_train_batch_start(self, trainer, module: EmbeddingModule, batch, batch_idx):
+        if self.k <= 0 or module.dataset is None or trainer.global_step % self.every:
+            return
+        ds = module.dataset
+        from PIL import Image
+        was_training = module.embedder.training
+        emb = module.embedder.encode([Image.open(p).convert("RGB") for p in ds.t["image"]],
+                                     ds.t["title"].tolist(), batch_size=self.bs, dim=module.m["served_dim"])
+        module.embedder.train(was_training)
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        _, nn = index.search(emb, min(len(ds), self.k + 16))
+        labels = ds.labels.numpy()
+        hard = np.empty((len(ds), self.k), dtype=np.int64)
+        for i in range(len(ds)):
+            other = [j for j in nn[i] if j >= 0 and labels[j] != labels[i]][: self.k]
+            other += [int((i + 1 + r) % len(ds)) for r in range(self.k - len(other))]  # tiny sets
+            hard[i] = other
+        module.hard = hard
+        log.info("mined %d hard negatives per item at step %d", self.k, trainer.global_step)
+
+
+def make_loader(dataset: PairDataset, params: dict, neighbours: np.ndarray | None = None):
+    t = params["train"]
+    if neighbours is not None and params["margin"]["similar_batch"]:
+        sampler = SimilarPrototypeBatchSampler(dataset.labels, t["batch_size"], neighbours, params["seed"])
+    else:
+        sampler = RandomBatchSampler(dataset.labels, t["batch_size"], params["seed"])
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=t["num_workers"])
+
+
+def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps: int,
+        logger=None, callbacks: list | None = None) -> L.Trainer:
+    """Train for max_steps; checkpoints in work_dir/ckpt, resumed from last.ckpt when present
+    (a run killed midway continues when the asset is materialized again)."""
+    t = params["train"]
+    ckpt_dir = Path(work_dir) / "ckpt"
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                               every_n_train_steps=max(1, t["val_check_steps"]))
+    trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"],
+                        strategy=t["strategy"], precision=t["precision"], logger=logger or False,
+                        callbacks=[ckpt, *(callbacks or [])], default_root_dir=str(work_dir),
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
+                        max_epochs=-1, use_distributed_sampler=False)
+    last = ckpt_dir / "last.ckpt"
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
+    return trainer
