@@ -17,6 +17,7 @@ import resource
 import time
 
 import pandas as pd
+import yaml
 
 from data.schema import Catalog
 from evaluation.retrieval import encode_gallery, evaluate
@@ -33,12 +34,22 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="model preset override (tiny / small)")
     ap.add_argument("--steps", type=int, default=None, help="stage1_steps = stage3_steps override")
     ap.add_argument("--out", default="benchmarks/results", help="where the JSON result goes")
+    ap.add_argument("--reuse", nargs="*", default=[], help="model stages whose existing output is kept")
+    ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                    help="params overrides, e.g. margin.margin_warmup=0.3 (values parsed as YAML)")
     args = ap.parse_args()
     over = {}
     if args.preset:
         over["model"] = {"preset": args.preset}
     if args.steps:
         over["train"] = {"stage1_steps": args.steps, "stage3_steps": args.steps}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = over
+        for k in path:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
     params = load_params(args.profile, over)
     paths = Paths.from_params(params)
     for name, fn in stages.DATA_STAGES.items():
@@ -46,6 +57,8 @@ def main() -> None:
             fn(params)
     timings = {}
     for name, fn in model_stages.MODEL_STAGES.items():
+        if name in args.reuse and (paths.asset(name) / "meta.json").is_file():
+            continue
         t0 = time.perf_counter()
         res = fn(params)
         timings[name] = {"seconds": round(time.perf_counter() - t0, 1),
@@ -80,8 +93,9 @@ def main() -> None:
         print(f"| {k} | {v['seconds']} | {v.get('steps', '')} | {v.get('samples', '')} | {v.get('samples_per_second', '')} |")
     print(f"\npeak RSS after training: {peak_train:.0f} MiB")
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"embedding_{params['profile']}_{m['preset']}.json"), "w") as f:
-        json.dump({"table": rows, "timings": timings, "peak_rss_mib": peak_train}, f, indent=2)
+    tag = "_".join([params["profile"], m["preset"], *[s.replace("=", "-") for s in args.set]])
+    with open(os.path.join(args.out, f"embedding_{tag}.json"), "w") as f:
+        json.dump({"table": rows, "timings": timings, "peak_rss_mib": peak_train, "overrides": args.set}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Embedding training on the tiny profile: the lineage stages, loss goes down, resume after a
 kill, the registry round trip, and a two-process DDP run on CPU (gloo)."""
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -135,8 +136,14 @@ DDP_SCRIPT = textwrap.dedent("""
 def test_two_process_ddp_on_cpu_completes_a_few_steps(tiny, tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "PL_DISABLE_FORK": "1"}
-    r = subprocess.run([sys.executable, str(script), tiny["workdir"], str(tmp_path / "ddp")], env=env,
-                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
-    assert r.returncode == 0, r.stderr[-4000:]
-    assert "WORLD 2 STEPS 3" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    # its own process group, so a hang kills both ranks (Lightning starts rank 1 as a child)
+    proc = subprocess.Popen([sys.executable, str(script), tiny["workdir"], str(tmp_path / "ddp")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(tmp_path), start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, err[-4000:]
+    assert "WORLD 2 STEPS 3" in out, out[-2000:] + err[-2000:]

@@ -30,7 +30,7 @@ class EmbeddingModule(L.LightningModule):
         if mode == ID and head is None:
             raise ValueError("ID training needs a PrototypeHead")
         self.embedder, self.head, self.mode = embedder, head, mode
-        self.m, self.t = params["model"], params["train"]
+        self.m, self.t, self.margin_cfg = params["model"], params["train"], params["margin"]
         self.total_steps, self.dataset = total_steps, dataset
         self.hard: np.ndarray | None = None   # [N, H] dataset indices of mined hard negatives
         self.embedder.train()   # from_pretrained hands back an eval-mode model
@@ -43,6 +43,10 @@ class EmbeddingModule(L.LightningModule):
         query = self.embed(batch["query_image"], batch["query_text"])
         labels = batch["label"]
         if self.mode == ID:
+            # margin warm-up: a full margin on a backbone that never saw it collapses the embedding
+            ramp = self.margin_cfg["margin_warmup"] * self.total_steps
+            self.head.margin = self.margin_cfg["margin"] * min(1.0, self.global_step / ramp if ramp else 1.0)
+            self.log("train/margin", self.head.margin)
             loss, info = self.head(torch.cat([item, query]), torch.cat([labels, labels]))
             self.log("train/classes_scored", float(info["classes_scored"]))
         else:
@@ -64,8 +68,11 @@ class EmbeddingModule(L.LightningModule):
         return emb.view(idx.shape[0], idx.shape[1], -1)
 
     def configure_optimizers(self):
-        params = list(self.embedder.parameters()) + (list(self.head.parameters()) if self.head else [])
-        opt = torch.optim.AdamW(params, lr=self.t["lr"], weight_decay=self.t["weight_decay"])
+        groups = [{"params": list(self.embedder.parameters())}]
+        if self.head is not None:  # prototype rows must keep up with a moving backbone
+            groups.append({"params": list(self.head.parameters()), "weight_decay": 0.0,
+                           "lr": self.t["lr"] * self.margin_cfg["head_lr_scale"]})
+        opt = torch.optim.AdamW(groups, lr=self.t["lr"], weight_decay=self.t["weight_decay"])
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(self.t["warmup"] * self.total_steps),
                                                 self.total_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
@@ -118,8 +125,11 @@ def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps
     ckpt_dir = Path(work_dir) / "ckpt"
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                every_n_train_steps=max(1, t["val_check_steps"]))
+    precision = t["precision"]
+    if precision == "auto":   # bf16 on a GPU, full precision on a CPU
+        precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"],
-                        strategy=t["strategy"], precision=t["precision"], logger=logger or False,
+                        strategy=t["strategy"], precision=precision, logger=logger or False,
                         callbacks=[ckpt, *(callbacks or [])], default_root_dir=str(work_dir),
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         max_epochs=-1, use_distributed_sampler=False)
