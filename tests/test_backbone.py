@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -265,25 +264,6 @@ def test_qwen2_5_vl_family(mp):
     alone = _embed(m, [target[0]], [target[1]])[0]
     left = _embed(m, [target[0], longer[0]], [target[1], longer[1]], "left")
     torch.testing.assert_close(left[0], alone, atol=1e-5, rtol=0)
-
-
-def test_throughput_report(mp):
-    """Forward+backward samples/s at batch 16 on CPU (printed, not asserted; `pytest -s` shows it)."""
-    images = [_img(i, (96, 96)) for i in range(16)]
-    texts = [TITLES[i % len(TITLES)] for i in range(16)]
-    for preset in ("tiny", "small"):
-        torch.manual_seed(0)
-        m = MLLMEmbedder.from_params(dict(mp, preset=preset), TITLES).train()
-        b = m.prepare(images, texts)
-        m(b).sum().backward()  # warm-up
-        steps, t0 = 2, time.perf_counter()
-        for _ in range(steps):
-            m.zero_grad()
-            q = m(m.prepare(images, texts))
-            (q @ q.T).logsumexp(-1).mean().backward()
-        dt = (time.perf_counter() - t0) / steps
-        print(f"\n[throughput] preset={preset} dim={m.dim} params={sum(p.numel() for p in m.parameters()) / 1e6:.2f}M "
-              f"seq={b['input_ids'].shape[1]} fwd+bwd batch16: {dt * 1000:.0f} ms/step, {16 / dt:.1f} samples/s")
 
 
 @pytest.mark.parametrize("device", [
