@@ -22,17 +22,22 @@ def to_metadata(res: stages.StageResult) -> dict:
 
 
 def materialize(stage, context: AssetExecutionContext, pipeline: PipelineConfig,
-                 mlflow: MlflowTracking) -> MaterializeResult:
+                mlflow: MlflowTracking) -> MaterializeResult:
     res = stage(pipeline.params(mlflow), dagster_run_id=context.run_id)
     return MaterializeResult(metadata=to_metadata(res))
 
 
-@asset(group_name=GROUP, kinds={"python", "parquet"})
-def raw_catalog(context: AssetExecutionContext, pipeline: PipelineConfig,
-                mlflow: MlflowTracking) -> MaterializeResult:
-    """The configured catalog source, normalized: Parquet tables plus RGB-on-white images; bad
-    images go to the quarantine table with their reason."""
-    return materialize(stages.raw_catalog, context, pipeline, mlflow)
+def stage_asset(stage, group: str, deps: tuple = (), kinds: frozenset = frozenset({"python", "parquet"})):
+    """A Dagster asset that runs one pipeline stage; its name and description are the stage's."""
+    @asset(name=stage.__name__, group_name=group, deps=list(deps), kinds=set(kinds),
+           description=(stage.__doc__ or "").strip())
+    def _asset(context: AssetExecutionContext, pipeline: PipelineConfig,
+               mlflow: MlflowTracking) -> MaterializeResult:
+        return materialize(stage, context, pipeline, mlflow)
+    return _asset
+
+
+raw_catalog = stage_asset(stages.raw_catalog, GROUP)
 
 
 @multi_asset_check(specs=[AssetCheckSpec(name, asset="raw_catalog", blocking=True) for name in CHECK_NAMES])
@@ -45,26 +50,9 @@ def raw_catalog_checks(pipeline: PipelineConfig):
                                description=o.description, metadata={"details": MetadataValue.json(o.metadata)})
 
 
-@asset(group_name=GROUP, deps=[raw_catalog], kinds={"python", "parquet"})
-def validated_catalog(context: AssetExecutionContext, pipeline: PipelineConfig,
-                      mlflow: MlflowTracking) -> MaterializeResult:
-    """The catalog that passed validation: quarantined images and image-less items removed."""
-    return materialize(stages.validated_catalog, context, pipeline, mlflow)
-
-
-@asset(group_name=GROUP, deps=[validated_catalog], kinds={"python", "parquet"})
-def splits(context: AssetExecutionContext, pipeline: PipelineConfig,
-           mlflow: MlflowTracking) -> MaterializeResult:
-    """Deterministic train / val / test split by instance (a manifest's split column wins)."""
-    return materialize(stages.splits, context, pipeline, mlflow)
-
-
-@asset(group_name=GROUP, deps=[validated_catalog, splits], kinds={"python", "parquet"})
-def query_sets(context: AssetExecutionContext, pipeline: PipelineConfig,
-               mlflow: MlflowTracking) -> MaterializeResult:
-    """Noisy shopper-like val / test queries at clean / mild / hard levels, with graded judgments."""
-    return materialize(stages.query_sets, context, pipeline, mlflow)
-
+validated_catalog = stage_asset(stages.validated_catalog, GROUP, deps=(raw_catalog,))
+splits = stage_asset(stages.splits, GROUP, deps=(validated_catalog,))
+query_sets = stage_asset(stages.query_sets, GROUP, deps=(validated_catalog, splits))
 
 ASSETS = [raw_catalog, validated_catalog, splits, query_sets]
 CHECKS = [raw_catalog_checks]
