@@ -50,6 +50,11 @@ def main() -> None:
         for k in path:
             node = node.setdefault(k, {})
         node[leaf] = yaml.safe_load(value)
+        if isinstance(node[leaf], str):   # YAML 1.1 reads 2e-5 as a string
+            try:
+                node[leaf] = float(node[leaf])
+            except ValueError:
+                pass
     params = load_params(args.profile, over)
     paths = Paths.from_params(params)
     for name, fn in stages.DATA_STAGES.items():

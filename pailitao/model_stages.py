@@ -92,7 +92,9 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
     embedder = MLLMEmbedder.from_pretrained(init) if init else \
         MLLMEmbedder.from_params(params["model"], items.table["title"].tolist())
     dataset = PairDataset(items, labels, params)
-    module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset)
+    # stages that continue from stage 1 (treatment and control alike) fine-tune at stage3_lr
+    lr = params["train"]["stage3_lr"] if init else params["train"]["lr"]
+    module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset, lr=lr)
     work = _work_dir(paths, stage, params, catalog)
     with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)

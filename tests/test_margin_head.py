@@ -185,3 +185,25 @@ def test_state_dict_roundtrip_rebuilds_graph():
     other.load_state_dict(head.state_dict())
     assert torch.equal(other.graph, head.graph)
     assert torch.equal(other.weight, head.weight)
+
+
+def test_sparse_sgd_step_matches_momentum_sgd_on_touched_rows_and_leaves_the_rest():
+    rows, _ = clustered()
+    head = make_head(rows, knn_fraction=0.1, refresh_steps=0)
+    ref = torch.nn.Parameter(head.weight.detach().clone())
+    opt = torch.optim.SGD([ref], lr=0.3, momentum=0.9)
+    labels = torch.tensor([0, 1, 2])
+    h = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    before = head.weight.detach().clone()
+    for _ in range(2):   # the same rows twice: lazy momentum == torch momentum SGD on them
+        loss, _ = head(h, labels)
+        loss.backward()
+        ref.grad = head.weight.grad.clone()
+        touched = ref.grad.abs().sum(1) > 0
+        moved = head.sparse_sgd_step(lr=0.3, momentum=0.9)
+        opt.step()
+        assert moved == int(touched.sum()) and head.weight.grad is None
+    assert torch.allclose(head.weight[touched], ref[touched], atol=1e-6)
+    assert torch.equal(head.weight[~touched], before[~touched])        # untouched rows never move
+    assert torch.count_nonzero(head.velocity[~touched]) == 0
+    assert 0 < int(touched.sum()) < head.num_classes

@@ -135,6 +135,7 @@ class PrototypeHead(nn.Module):
         self.num_refreshes = 0
         self._generator = torch.Generator().manual_seed(self.seed)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("velocity", torch.zeros_like(init))   # momentum of sparse_sgd_step
         self.register_buffer("graph", torch.zeros((0, 0), dtype=torch.long), persistent=False)
         self.refresh_graph()
         # a loaded checkpoint moves the rows: rebuild the graph from them
@@ -182,6 +183,25 @@ class PrototypeHead(nn.Module):
         if self.sampler == "knn":
             return cls
         return random_select(labels, cls.numel(), self.num_classes, self._generator)
+
+    @torch.no_grad()
+    def sparse_sgd_step(self, lr: float, momentum: float = 0.9) -> int:
+        """Momentum SGD on the rows that got a gradient this step; returns how many moved.
+
+        The rows have their own optimizer because Adam is wrong for them: it scales every element's
+        step to about ``lr`` however small its gradient, so the thousands of rows that are only
+        scored as far-away negatives (softmax weight ~1e-4) would all jump by a full step each
+        iteration and drift off the data. Momentum is lazy: an untouched row neither moves nor
+        decays its velocity. The gradient is consumed (set to None)."""
+        g = self.weight.grad
+        if g is None:
+            return 0
+        rows = torch.nonzero(g.abs().sum(dim=1)).view(-1)
+        v = self.velocity[rows].mul_(momentum).add_(g[rows])
+        self.velocity[rows] = v
+        self.weight[rows] -= lr * v
+        self.weight.grad = None
+        return int(rows.numel())
 
     def forward(self, h: Tensor, labels: Tensor) -> tuple[Tensor, dict]:
         if self.training:

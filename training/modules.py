@@ -23,7 +23,8 @@ CONTRASTIVE, ID = "contrastive", "id"
 
 class EmbeddingModule(L.LightningModule):
     def __init__(self, embedder: MLLMEmbedder, params: dict, mode: str, total_steps: int,
-                 head: PrototypeHead | None = None, dataset: PairDataset | None = None):
+                 head: PrototypeHead | None = None, dataset: PairDataset | None = None,
+                 lr: float | None = None):
         super().__init__()
         if mode not in (CONTRASTIVE, ID):
             raise ValueError(f"unknown training mode {mode!r}: use {CONTRASTIVE!r} or {ID!r}")
@@ -32,6 +33,7 @@ class EmbeddingModule(L.LightningModule):
         self.embedder, self.head, self.mode = embedder, head, mode
         self.m, self.t, self.margin_cfg = params["model"], params["train"], params["margin"]
         self.total_steps, self.dataset = total_steps, dataset
+        self.lr = float(lr if lr is not None else self.t["lr"])   # backbone base lr of this stage
         self.hard: np.ndarray | None = None   # [N, H] dataset indices of mined hard negatives
         self.embedder.train()   # from_pretrained hands back an eval-mode model
 
@@ -69,13 +71,22 @@ class EmbeddingModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = [{"params": list(self.embedder.parameters())}]
-        if self.head is not None:  # prototype rows must keep up with a moving backbone
+        if self.head is not None and self.margin_cfg["head_optimizer"] == "adamw":   # the ablation
             groups.append({"params": list(self.head.parameters()), "weight_decay": 0.0,
-                           "lr": self.t["lr"] * self.margin_cfg["head_lr_scale"]})
-        opt = torch.optim.AdamW(groups, lr=self.t["lr"], weight_decay=self.t["weight_decay"])
+                           "lr": self.margin_cfg["head_lr"]})
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.t["weight_decay"])
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(self.t["warmup"] * self.total_steps),
                                                 self.total_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
+
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        optimizer.step(closure=optimizer_closure)
+        if self.head is not None and self.margin_cfg["head_optimizer"] == "sgd":
+            # the rows follow the backbone's schedule (warm-up, cosine) at their own base lr
+            scale = optimizer.param_groups[0]["lr"] / self.lr
+            moved = self.head.sparse_sgd_step(self.margin_cfg["head_lr"] * scale, self.margin_cfg["head_momentum"])
+            self.log("train/rows_updated", float(moved))
 
 
 class HardNegativeMiner(L.Callback):
