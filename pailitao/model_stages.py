@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import numpy as np
+import torch
 import pandas as pd
 from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
@@ -23,7 +24,7 @@ from pailitao.stages import StageResult, _finish
 from pailitao.tracking import start_run, tracking_uri
 from training.backbone import MLLMEmbedder
 from training.data import PairDataset, TrainItems
-from training.margin_head import PrototypeHead
+from training.sharded_head import ShardedPrototypeHead
 from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader
 from training.prototypes import curate, prototype_labels
 
@@ -78,10 +79,11 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
         protos = pd.read_parquet(proto_dir / "prototypes.parquet")
         labels = prototype_labels(pd.read_parquet(proto_dir / "assignment.parquet"), protos)
         m = params["margin"]
-        head = PrototypeHead(np.load(proto_dir / "centroids.npy"), params["model"]["mrl_dims"],
-                             params["model"]["mrl_weights"], m["margin"], m["temperature"],
-                             knn_fraction=m["knn_fraction"], refresh_steps=m["knn_refresh_steps"],
-                             seed=params["seed"])
+        head = ShardedPrototypeHead(np.load(proto_dir / "centroids.npy", mmap_mode="r"),
+                                    params["model"]["mrl_dims"], params["model"]["mrl_weights"],
+                                    m["margin"], m["temperature"], knn_fraction=m["knn_fraction"],
+                                    refresh_steps=m["knn_refresh_steps"], sampler=m["sampler"],
+                                    seed=params["seed"], row_dtype=getattr(torch, m["row_dtype"]))
         neighbours = head.neighbours(params["train"]["batch_size"])
         extra["prototypes"] = len(protos)
     else:

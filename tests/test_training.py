@@ -5,12 +5,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import lightning as L
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from data.schema import Catalog
@@ -83,6 +85,53 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
     assert trainer.global_step == 6
 
 
+def _id_module(params, steps):
+    from training.modules import ID
+    from training.prototypes import prototype_labels
+    from training.sharded_head import ShardedPrototypeHead
+
+    paths = Paths.from_params(params)
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    items = TrainItems.from_catalog(catalog, pd.read_parquet(paths.asset("splits") / "splits.parquet"))
+    root = paths.asset("semantic_prototypes")
+    labels = prototype_labels(pd.read_parquet(root / "assignment.parquet"), pd.read_parquet(root / "prototypes.parquet"))
+    m = params["model"]
+    head = ShardedPrototypeHead(np.load(root / "centroids.npy"), m["mrl_dims"], m["mrl_weights"], 0.2, 0.05,
+                                knn_fraction=0.3, refresh_steps=2)
+    ds = PairDataset(items, labels, params)
+    module = EmbeddingModule(MLLMEmbedder.from_pretrained(paths.asset("stage1_embedder") / "model"),
+                             params, ID, total_steps=steps, head=head, dataset=ds)
+    return module, make_loader(ds, params, head.neighbours(4))
+
+
+class RowsAt(L.Callback):
+    """The head's rows (and step) as they are when training step `step` starts."""
+
+    def __init__(self, step: int | None = None):
+        self.step, self.rows = step, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.rows is None and (self.step is None or trainer.global_step == self.step):
+            self.rows, self.head_step = module.head.rows.clone(), module.head.step
+
+
+def test_killed_id_run_resumes_its_prototype_rows(tiny, tmp_path):
+    """The head's rows live outside the parameters: a resumed run starts from the saved shard, the
+    rows the uninterrupted run had at that step, not from the centroids."""
+    steps, ckpt_step = 5, tiny["train"]["val_check_steps"]
+    straight = RowsAt(ckpt_step)
+    fit(*_id_module(tiny, steps), tiny, tmp_path / "straight", steps, callbacks=[straight])
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(*_id_module(tiny, steps), tiny, tmp_path / "k", steps, callbacks=[LossRecorder(fail_at=4)])
+    module, loader = _id_module(tiny, steps)
+    initial = module.head.rows.clone()
+    resumed = RowsAt()
+    trainer = fit(module, loader, tiny, tmp_path / "k", steps, callbacks=[resumed])
+    assert trainer.global_step == steps and resumed.head_step == straight.head_step == ckpt_step
+    assert torch.equal(resumed.rows, straight.rows) and not torch.equal(resumed.rows, initial)
+    assert module.head.step == steps
+
+
 def test_id_model_and_control_train_with_the_same_budget_and_register(tiny):
     treat = model_stages.embedding_model(tiny)
     control = model_stages.baseline_embedder(tiny)
@@ -109,7 +158,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from pailitao.config import Paths, deep_merge, load_params
     from training.backbone import MLLMEmbedder
     from training.data import PairDataset, TrainItems
-    from training.margin_head import PrototypeHead
+    from training.sharded_head import ShardedPrototypeHead
     from training.modules import ID, EmbeddingModule, fit, make_loader
     from training.prototypes import prototype_labels
     import numpy as np
@@ -123,13 +172,14 @@ DDP_SCRIPT = textwrap.dedent("""
     protos = pd.read_parquet(paths.asset("semantic_prototypes") / "prototypes.parquet")
     labels = prototype_labels(pd.read_parquet(paths.asset("semantic_prototypes") / "assignment.parquet"), protos)
     m = params["model"]
-    head = PrototypeHead(np.load(paths.asset("semantic_prototypes") / "centroids.npy"), m["mrl_dims"],
-                         m["mrl_weights"], 0.2, 0.05, knn_fraction=0.5, refresh_steps=2)
+    head = ShardedPrototypeHead(np.load(paths.asset("semantic_prototypes") / "centroids.npy"), m["mrl_dims"],
+                                m["mrl_weights"], 0.2, 0.05, knn_fraction=0.5, refresh_steps=2)
     ds = PairDataset(items, labels, params)
     module = EmbeddingModule(MLLMEmbedder.from_pretrained(paths.asset("stage1_embedder") / "model"),
                              params, ID, total_steps=3, head=head, dataset=ds)
     trainer = fit(module, make_loader(ds, params, head.neighbours(4)), params, out, 3)
-    print(f"RANK {trainer.global_rank} WORLD {trainer.world_size} STEPS {trainer.global_step}")
+    print(f"RANK {trainer.global_rank} WORLD {trainer.world_size} STEPS {trainer.global_step} "
+          f"ROWS {head.rows.shape[0]} OF {head.num_classes}")
 """)
 
 
@@ -147,3 +197,7 @@ def test_two_process_ddp_on_cpu_completes_a_few_steps(tiny, tmp_path):
         out, err = proc.communicate()
     assert proc.returncode == 0, err[-4000:]
     assert "WORLD 2 STEPS 3" in out, out[-2000:] + err[-2000:]
+    # the prototype rows were sharded: rank 0 keeps ceil(U / 2) of them, and wrote its shard
+    u = len(np.load(Path(tiny["workdir"]) / "data/processed/semantic_prototypes/centroids.npy"))
+    assert f"ROWS {(u + 1) // 2} OF {u}" in out, out[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ddp/ckpt").glob("head-step*/rank*.pt")) == ["rank00000.pt", "rank00001.pt"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import faiss
@@ -15,7 +16,7 @@ from transformers import get_cosine_schedule_with_warmup
 from training.backbone import MLLMEmbedder
 from training.data import PairDataset, RandomBatchSampler, SimilarPrototypeBatchSampler, collate
 from training.losses import info_nce_mrl
-from training.margin_head import PrototypeHead
+from training.sharded_head import ShardedPrototypeHead
 
 log = logging.getLogger(__name__)
 CONTRASTIVE, ID = "contrastive", "id"
@@ -23,19 +24,38 @@ CONTRASTIVE, ID = "contrastive", "id"
 
 class EmbeddingModule(L.LightningModule):
     def __init__(self, embedder: MLLMEmbedder, params: dict, mode: str, total_steps: int,
-                 head: PrototypeHead | None = None, dataset: PairDataset | None = None,
+                 head: ShardedPrototypeHead | None = None, dataset: PairDataset | None = None,
                  lr: float | None = None):
         super().__init__()
         if mode not in (CONTRASTIVE, ID):
             raise ValueError(f"unknown training mode {mode!r}: use {CONTRASTIVE!r} or {ID!r}")
         if mode == ID and head is None:
-            raise ValueError("ID training needs a PrototypeHead")
+            raise ValueError("ID training needs a ShardedPrototypeHead")
         self.embedder, self.head, self.mode = embedder, head, mode
         self.m, self.t, self.margin_cfg = params["model"], params["train"], params["margin"]
         self.total_steps, self.dataset = total_steps, dataset
         self.lr = float(lr if lr is not None else self.t["lr"])   # backbone base lr of this stage
         self.hard: np.ndarray | None = None   # [N, H] dataset indices of mined hard negatives
         self.embedder.train()   # from_pretrained hands back an eval-mode model
+
+    def setup(self, stage: str) -> None:
+        if self.head is not None:   # built at world size 1 before fit; each rank keeps its rows
+            self.head.shard()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the head's rows are not parameters: every rank writes its shard next to the checkpoint
+        if self.head is not None:
+            root = Path(self.trainer.default_root_dir) / "ckpt"
+            head_dir = root / f"head-step{self.trainer.global_step:08d}"
+            self.head.save_sharded(head_dir)
+            checkpoint["head_dir"] = str(head_dir)
+            if self.trainer.is_global_zero:   # keep this one and the previous (a save may be in flight)
+                for old in sorted(root.glob("head-step*"))[:-2]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.head is not None and checkpoint.get("head_dir"):
+            self.head.load_sharded(checkpoint["head_dir"])
 
     def embed(self, images, texts) -> torch.Tensor:
         return self.embedder(self.embedder.prepare(images, texts))
@@ -70,11 +90,8 @@ class EmbeddingModule(L.LightningModule):
         return emb.view(idx.shape[0], idx.shape[1], -1)
 
     def configure_optimizers(self):
-        groups = [{"params": list(self.embedder.parameters())}]
-        if self.head is not None and self.margin_cfg["head_optimizer"] == "adamw":   # the ablation
-            groups.append({"params": list(self.head.parameters()), "weight_decay": 0.0,
-                           "lr": self.margin_cfg["head_lr"]})
-        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.t["weight_decay"])
+        # the prototype rows are not parameters: ShardedPrototypeHead.sparse_sgd_step updates them
+        opt = torch.optim.AdamW(self.embedder.parameters(), lr=self.lr, weight_decay=self.t["weight_decay"])
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(self.t["warmup"] * self.total_steps),
                                                 self.total_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
@@ -82,7 +99,7 @@ class EmbeddingModule(L.LightningModule):
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         optimizer.step(closure=optimizer_closure)
-        if self.head is not None and self.margin_cfg["head_optimizer"] == "sgd":
+        if self.head is not None:
             # the rows follow the backbone's schedule (warm-up, cosine) at their own base lr
             scale = optimizer.param_groups[0]["lr"] / self.lr
             moved = self.head.sparse_sgd_step(self.margin_cfg["head_lr"] * scale, self.margin_cfg["head_momentum"])

@@ -1,0 +1,1 @@
+"""Retrieval: faiss ANN index (choose, build, recall check, versioned atomic publish, reader)."""
