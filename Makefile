@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 HOST ?= 127.0.0.1
 
-.PHONY: setup catalog demo test test-all ui mlflow-ui repro clean
+.PHONY: setup catalog browser demo test test-all ui mlflow-ui serve repro clean
 
 # torch==2.13.0 first: the local CPU build. An unpinned torch would pull GBs of CUDA packages.
 $(STAMP): pyproject.toml
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-setup: $(STAMP) catalog
+setup: $(STAMP) catalog browser
 
 catalog:
 	@if [ -d $(OPENCLIPART) ]; then echo "openclipart catalog: $(OPENCLIPART)"; \
@@ -27,10 +27,18 @@ catalog:
 	else echo "The real catalog is missing: run 'sudo apt-get install -y openclipart-png'," \
 	  "or run on your own catalog: $(VENV)/bin/pailitao run --dataset DIR --profile demo --out out/"; exit 1; fi
 
+# Headless Chromium for the browser test (tests/test_browser.py skips, saying why, without it).
+browser:
+	@if command -v chromium >/dev/null && [ -x /usr/bin/chromedriver ]; then echo "chromium: $$(command -v chromium)"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing chromium + chromium-driver (browser test)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	  || echo "could not install chromium: the browser test will skip"; \
+	else echo "chromium is missing: 'sudo apt-get install -y chromium chromium-driver' to run the browser test"; fi
+
 demo: setup
 	$(VENV)/bin/pailitao demo --profile demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/pytest -q
 
 test-all: setup
@@ -45,6 +53,10 @@ mlflow-ui: $(STAMP)
 	mkdir -p mlflow/artifacts
 	set -m; $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlflow/artifacts --host $(HOST) --port 5000
+
+# The search page and API (needs item_embeddings + ann_index: `make demo` or `dvc repro`).
+serve: $(STAMP)
+	set -m; $(VENV)/bin/pailitao serve --host $(HOST) --port 8000
 
 repro: setup
 	$(VENV)/bin/dvc repro

@@ -53,5 +53,5 @@ def run_job(profile: str | None, dataset: str | None) -> int:
     console.print("\nOpen the Dagster UI:  [bold]make ui[/bold]         -> http://127.0.0.1:3000 "
                   "(this run is in its Runs tab)\n"
                   "Open the MLflow UI:   [bold]make mlflow-ui[/bold]  -> http://127.0.0.1:5000\n"
-                  "The search page arrives with the serving issue (`make serve`).")
+                  "Open the search page: [bold]make serve[/bold]      -> http://127.0.0.1:8000")
     return 0 if result.success else 1

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from rich.console import Console
 from rich.logging import RichHandler
 
 from data.schema import CatalogError
@@ -56,6 +57,53 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from retrieval.pipeline import NotReady, QueryError, build_searcher
+
+    params = _params(args)
+    image = Path(args.image).read_bytes() if args.image else None
+    searcher = build_searcher(params, args.model)
+    try:
+        _print(searcher.search(image, args.text, args.k).to_dict())
+    except (QueryError, NotReady) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from serving.app import serve
+
+    serve(_params(args), args.host, args.port)
+    return 0
+
+
+def cmd_ab(args) -> int:
+    from serving import ab
+
+    params = deep_merge(_params(args), {"ab": {"enabled": True}})
+    if args.ab_command == "build":
+        _print(ab.build_variant_indexes(params, args.force))
+        return 0
+    import pandas as pd
+    from fastapi.testclient import TestClient
+
+    from data.schema import Catalog
+    from pailitao.config import Paths
+    from serving.app import create_app
+
+    cfg = deep_merge(params["ab"]["simulate"], {k: v for k, v in vars(args).items()
+                                                 if k in ("queries", "users", "seed") and v is not None})
+    paths = Paths.from_params(params)
+    q = pd.read_parquet(paths.asset("query_sets") / "queries.parquet")
+    q = q[q["split"] == cfg["split"]]
+    items = Catalog.load(paths.asset("validated_catalog")).items
+    with TestClient(create_app(params)) as client:   # in-process: no port, same code path as HTTP
+        stats = ab.simulate(client, q, paths.asset("query_sets"), items, cfg)
+    _print({"event_log": str(paths.workdir / params["ab"]["event_log"]), "variants": stats})
+    return 0
+
+
 def cmd_demo(args) -> int:
     from orchestration.launch import run_job
 
@@ -84,19 +132,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", required=True, help="output directory (its data/ holds every artifact)")
     common(sub.add_parser("demo", help="materialize the Dagster lineage job into the local instance"),
            workdir=False)
+    search = sub.add_parser("search", help="search the published index with an image and/or text; prints JSON")
+    common(search)
+    search.add_argument("image", nargs="?", help="a query photo (omit for a text-only search)")
+    search.add_argument("--text", help="query words")
+    search.add_argument("--k", type=int, default=10, help="results (default 10)")
+    search.add_argument("--model", help="served model (default params serving.model)")
+    serve = sub.add_parser("serve", help="the search service and page (FastAPI + uvicorn)")
+    common(serve)
+    serve.add_argument("--host", help="bind address (default params serving.host: 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default params serving.port: 8000)")
+    ab = sub.add_parser("ab", help="online A/B: build the variants' indexes, simulate traffic")
+    ab_sub = ab.add_subparsers(dest="ab_command", required=True)
+    build = ab_sub.add_parser("build", help="item_embeddings + ann_index for each variant lacking its own")
+    common(build)
+    build.add_argument("--force", action="store_true", help="rebuild existing variant indexes")
+    sim = ab_sub.add_parser("simulate", help="replay query_sets through the app with a position-based click model")
+    common(sim)
+    for name in ("queries", "users", "seed"):
+        sim.add_argument(f"--{name}", type=int, help=f"default params ab.simulate.{name}")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False,
+                                              rich_tracebacks=True)])  # stdout: the command's JSON
     for noisy in ("alembic", "mlflow", "great_expectations", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"validate": cmd_validate, "run": cmd_run, "demo": cmd_demo}
+    handlers = {"validate": cmd_validate, "run": cmd_run, "demo": cmd_demo, "search": cmd_search,
+                "serve": cmd_serve, "ab": cmd_ab}
     try:
         return handlers.get(args.command, cmd_stage)(args)
-    except (CatalogError, ConfigError) as e:
+    except (CatalogError, ConfigError, FileNotFoundError) as e:
         log.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

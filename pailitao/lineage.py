@@ -9,9 +9,10 @@ from pailitao.config import Paths
 from pailitao.io import write_json
 from pailitao.model_stages import MODEL_STAGES
 from pailitao.stages import DATA_STAGES
+from retrieval.stages import RETRIEVAL_STAGES
 
 log = logging.getLogger(__name__)
-STAGES = {**DATA_STAGES, **MODEL_STAGES}
+STAGES = {**DATA_STAGES, **MODEL_STAGES, **RETRIEVAL_STAGES}
 LINEAGE = tuple(STAGES)
 
 

@@ -537,7 +537,7 @@ def build_and_publish(root, emb, ids, cfg: dict | None = None, model_version: st
     build_s = time.perf_counter() - t0
     kind = index_kind(index)
     rec = recall_at_k(index, emb, cfg["recall_k"], cfg["recall_sample"], cfg["seed"], cfg["use_gpu"])
-    params = {"flat": {}, "hnsw": cfg["hnsw"]}.get(kind) or ivfpq_params(len(emb), index.d, cfg)
+    params = {"flat": {}, "hnsw": cfg["hnsw"]}[kind] if kind != "ivfpq" else ivfpq_params(len(emb), index.d, cfg)
     meta = {"model_version": model_version, "build_seconds": round(build_s, 3), "recall": rec,
             "recall_k": cfg["recall_k"], "recall_sample": min(cfg["recall_sample"], len(emb)),
             "min_recall": cfg["min_recall"], "recall_ok": rec >= cfg["min_recall"],

@@ -120,3 +120,78 @@ def plant_bad_image(path: Path, kind: str, good: Image.Image) -> None:
 @pytest.fixture
 def manifest_dir(tmp_path) -> Path:
     return write_manifest(tmp_path / "manifest")
+
+
+# ---------------------------------------------------------------- retrieval, serving, A/B, browser
+@pytest.fixture(scope="session")
+def tiny_lineage(tmp_path_factory) -> dict:
+    """The whole tiny lineage (data, trained embedders, item_embeddings, ann_index) built once per
+    session and shared by the pipeline, serving, A/B and browser tests. Its MLflow store is its own
+    (in params, so it holds whatever MLFLOW_TRACKING_URI other tests set later)."""
+    from pailitao.lineage import run_lineage
+
+    root = tmp_path_factory.mktemp("tiny_lineage")
+    uri = f"sqlite:///{root}/mlflow.db"
+    params = load_params("tiny", {"workdir": str(root / "work"), "mlflow": {"tracking_uri": uri}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        run_lineage(params)
+    return params
+
+
+@pytest.fixture(scope="session")
+def tiny_ab(tiny_lineage) -> dict:
+    """tiny_lineage with the A/B split on and the control's own index built (pailitao ab build)."""
+    from serving.ab import build_variant_indexes
+
+    params = deep_merge(tiny_lineage, {"ab": {"enabled": True}})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", params["mlflow"]["tracking_uri"])
+        build_variant_indexes(params)
+    return params
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """An ASGI app under uvicorn on a free 127.0.0.1 port, in a thread (lifespan included)."""
+
+    def __init__(self, app):
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def image_bytes(im, fmt: str = "PNG") -> bytes:
+    """A PIL image encoded as an upload would carry it."""
+    import io
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()

@@ -99,6 +99,12 @@ def test_build_and_publish_gates_on_recall(tmp_path):
     assert ix.current_version(tmp_path) == meta["version"]  # a failing index is kept, not served
 
 
+def test_a_catalog_smaller_than_a_pq_codebook_gets_a_flat_index(tmp_path):
+    e, i = small(100)   # < 2**nbits vectors: IVF-PQ settings must not even be computed
+    meta = ix.build_and_publish(tmp_path, e, i, {"recall_sample": 50})
+    assert meta["kind"] == "flat" and meta["params"] == {} and meta["recall_ok"]
+
+
 def _check_complete(loaded) -> str:
     index, ids, meta = loaded
     assert meta["n"] == len(ids) == index.ntotal and meta["dim"] == index.d

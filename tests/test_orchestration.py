@@ -9,7 +9,7 @@ from orchestration.launch import execute
 from tests.conftest import write_manifest
 
 LINEAGE = ["raw_catalog", "validated_catalog", "splits", "query_sets", "stage1_embedder",
-           "semantic_prototypes", "embedding_model", "baseline_embedder"]
+           "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index"]
 
 
 def _materialized(result) -> list[str]:
@@ -29,7 +29,7 @@ def test_definitions_hold_the_lineage_and_blocking_checks():
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
     assert set(LINEAGE) <= keys
     check_keys = {k.name for k in graph.asset_check_keys}
-    assert set(CHECK_NAMES) <= check_keys
+    assert set(CHECK_NAMES) | {"ann_index_recall"} <= check_keys
 
 
 def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
@@ -39,7 +39,7 @@ def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
     done = _materialized(result)
     assert sorted(done) == sorted(LINEAGE) and done[:4] == LINEAGE[:4]
     checks = _checks(result)
-    assert set(checks) == set(CHECK_NAMES)
+    assert set(checks) == set(CHECK_NAMES) | {"ann_index_recall"}
     assert all(c.passed for n, c in checks.items() if n != "duplicate_images")
     queries = pd.read_parquet(tmp_path / "work/data/processed/query_sets/queries.parquet")
     assert set(queries["level"]) == {"clean", "mild", "hard"} and set(queries["split"]) == {"val", "test"}
