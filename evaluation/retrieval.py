@@ -24,10 +24,17 @@ def gallery(catalog: Catalog) -> pd.DataFrame:
 
 
 def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
+    """The gallery and its [N, dim] (image, title) embeddings, streamed batch by batch with one
+    progress bar, so memory holds one batch of decoded images, not the catalog."""
+    from tqdm.auto import tqdm
+
     g = gallery(catalog)
-    emb = embedder.encode([Image.open(catalog.image_file(p)).convert("RGB") for p in g["path"]],
-                          g["title"].tolist(), batch_size=batch_size, dim=dim, progress=True)
-    return g, emb
+    out = np.zeros((len(g), dim), dtype=np.float32)
+    files, titles = g["path"].tolist(), g["title"].tolist()
+    for s in tqdm(range(0, len(g), batch_size), desc="gallery", unit="batch"):
+        ims = [Image.open(catalog.image_file(p)).convert("RGB") for p in files[s:s + batch_size]]
+        out[s:s + len(ims)] = embedder.encode(ims, titles[s:s + batch_size], batch_size=batch_size, dim=dim)
+    return g, out
 
 
 def encode_queries(embedder, queries: pd.DataFrame, root: Path, dim: int, batch_size: int = 64) -> np.ndarray:

@@ -10,13 +10,13 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import numpy as np
-import torch
 import pandas as pd
+import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
 from data.schema import Catalog
-from evaluation.retrieval import encode_gallery, evaluate
+from evaluation.retrieval import evaluate
 from pailitao.config import Paths, fingerprint
 from pailitao.io import atomic_path, write_json, write_parquet
 from pailitao.registry import log_embedder
@@ -24,9 +24,9 @@ from pailitao.stages import StageResult, _finish
 from pailitao.tracking import start_run, tracking_uri
 from training.backbone import MLLMEmbedder
 from training.data import PairDataset, TrainItems
-from training.sharded_head import ShardedPrototypeHead
 from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader
 from training.prototypes import curate, prototype_labels
+from training.sharded_head import ShardedPrototypeHead
 
 log = logging.getLogger(__name__)
 VAL_LEVELS = ("clean", "hard")   # validation retrieval during the lineage: both ends of the noise range

@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from data import images as imgs
 from pailitao.config import Paths, resolve
@@ -102,9 +102,7 @@ def sniff_format(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.format
-    except (UnidentifiedImageError, Image.DecompressionBombError):
-        return None
-    except Exception:  # noqa: BLE001 - a broken header: open_checked names the reason
+    except Exception:  # noqa: BLE001 - unknown or broken header: open_checked names the reason
         return None
 
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from data.schema import Catalog
-from evaluation.retrieval import gallery
+from evaluation.retrieval import encode_gallery
 from pailitao.config import Paths, fingerprint
 from pailitao.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, _finish
@@ -24,19 +23,6 @@ from retrieval.pipeline import load_embedder, resolve_model, variant_dirs
 log = logging.getLogger(__name__)
 
 
-def encode_catalog(embedder, table: pd.DataFrame, root: Path, dim: int, batch_size: int = 64) -> np.ndarray:
-    """[N, dim] embeddings of (image, title) rows, streamed batch by batch with one progress bar,
-    so memory holds one batch of decoded images, not the catalog."""
-    from tqdm.auto import tqdm
-
-    out = np.zeros((len(table), dim), dtype=np.float32)
-    paths, titles = table["path"].tolist(), table["title"].tolist()
-    for s in tqdm(range(0, len(table), batch_size), desc="item_embeddings", unit="batch"):
-        ims = [Image.open(root / p).convert("RGB") for p in paths[s:s + batch_size]]
-        out[s:s + len(ims)] = embedder.encode(ims, titles[s:s + batch_size], batch_size=batch_size, dim=dim)
-    return out
-
-
 def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: str | None = None,
                     out: Path | None = None) -> StageResult:
     """Embed every catalog image (with its title) by the served embedder at model.served_dim."""
@@ -45,8 +31,7 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
     info = resolve_model(params, model)
     out = Path(out or variant_dirs(params, info.name)[0])
     dim = params["model"]["served_dim"]
-    g = gallery(catalog)
-    emb = encode_catalog(load_embedder(info), g, catalog.root, dim, params["serving"]["embed_batch_size"])
+    g, emb = encode_gallery(load_embedder(info), catalog, dim, params["serving"]["embed_batch_size"])
     seconds = time.perf_counter() - t0
     # image paths relative to the parent of `out` (ItemTable resolves them from there), so the
     # directory survives a moved workdir

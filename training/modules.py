@@ -96,7 +96,6 @@ class EmbeddingModule(L.LightningModule):
                                                 self.total_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
-
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         optimizer.step(closure=optimizer_closure)
         if self.head is not None:
