@@ -24,6 +24,13 @@ def relevance(q_group, q_category, d_group, d_category) -> np.ndarray:
     return levels
 
 
+def pair_levels(q_group, q_category, d_group, d_category) -> np.ndarray:
+    """Levels of aligned (query target, document) pairs: four arrays of length N -> int8 [N]."""
+    qg, qc, dg, dc = (np.asarray(x, dtype=object) for x in (q_group, q_category, d_group, d_category))
+    return np.where(qg == dg, INSTANCE, np.where(qc == dc, CONCEPT, np.where(
+        top_level(qc) == top_level(dc), FUNCTIONAL, IRRELEVANT))).astype(np.int8)
+
+
 def qrels(queries: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
     """query_id, item_id, level for every level-0 and level-1 document of each query (the sparse
     part; any document not listed is level 2 or 3, which `relevance` tells apart)."""

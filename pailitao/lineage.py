@@ -9,10 +9,11 @@ from pailitao.config import Paths
 from pailitao.io import write_json
 from pailitao.model_stages import MODEL_STAGES
 from pailitao.stages import DATA_STAGES
+from retrieval.rerank_stages import RERANK_STAGES
 from retrieval.stages import RETRIEVAL_STAGES
 
 log = logging.getLogger(__name__)
-STAGES = {**DATA_STAGES, **MODEL_STAGES, **RETRIEVAL_STAGES}
+STAGES = {**DATA_STAGES, **MODEL_STAGES, **RETRIEVAL_STAGES, **RERANK_STAGES}
 LINEAGE = tuple(STAGES)
 
 

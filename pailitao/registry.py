@@ -42,3 +42,42 @@ def log_embedder(model_dir: Path, stage: str) -> str:
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
                           f"transformers=={transformers.__version__}", "pillow", "pandas"])
     return str(info.registered_model_version)
+
+
+RERANKER_NAMES = {"reranker_model": "pailitao-listwise-reranker", "reranker_pointwise": "pailitao-pointwise-reranker"}
+
+
+class RerankerModel(mlflow.pyfunc.PythonModel):
+    """predict(DataFrame: query_id, query_image, query_text, image, text; one row per candidate in
+    retrieval order) -> the same rows with rank (1 = best after reranking) and p_instance."""
+
+    def load_context(self, context):
+        from retrieval.rerank import load_reranker
+
+        self.ranker = load_reranker(context.artifacts["model"], {"chunk_size": 10, "assign": "contiguous",
+                                                                   "merge": "hybrid", "batch_size_infer": 64})
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        val = lambda x: x if isinstance(x, str) and x else None  # noqa: E731
+        out = []
+        for _, g in model_input.groupby("query_id", sort=False):
+            q = g.iloc[0]
+            ranked = self.ranker.rank((val(q["query_image"]), val(q["query_text"]), None),
+                                      [(val(r["image"]), val(r["text"]), None) for _, r in g.iterrows()])
+            rank = np.empty(len(g), dtype=int)
+            rank[ranked.order] = np.arange(1, len(g) + 1)
+            out.append(g.assign(rank=rank, p_instance=ranked.p_instance))
+        return pd.concat(out) if out else model_input.assign(rank=[], p_instance=[])
+
+
+def log_reranker(model_dir: Path, stage: str) -> str:
+    """Log a reranker checkpoint to the active run and register it; returns the registered version."""
+    import torch
+    import transformers
+
+    info = mlflow.pyfunc.log_model(
+        name="model", python_model=RerankerModel(), artifacts={"model": str(model_dir)},
+        registered_model_name=RERANKER_NAMES[stage],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                          f"transformers=={transformers.__version__}", "pillow", "pandas", "scikit-learn"])
+    return str(info.registered_model_version)

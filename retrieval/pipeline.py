@@ -279,7 +279,9 @@ class Candidate:
     category: str | None
     group_id: str | None
     score: float                          # cosine of query and item embedding
-    rerank_score: float | None = None
+    rerank_score: float | None = None     # the reranker's ordering score (retrieval/rerank.py)
+    p_instance: float | None = None       # calibrated P(same product instance) from the reranker
+    image: str | None = None              # the catalog image file the reranker reads (not in responses)
 
 
 @dataclass
@@ -290,7 +292,7 @@ class Query:
 
 
 # A reranker gets the query and the ANN candidates (best first) and returns them in its order,
-# optionally with rerank_score set. Until the reranker lands the hook is the identity.
+# with rerank_score / p_instance set (retrieval/rerank.py). serving.rerank: none -> the identity.
 Reranker = Callable[[Query, list[Candidate]], list[Candidate]]
 
 
@@ -309,7 +311,8 @@ class SearchResult:
     def to_dict(self) -> dict:
         return {"request_id": self.request_id, "index_version": self.index_version, "model": self.model,
                 "latency_ms": self.latency_ms,
-                "results": [{"rank": i + 1, **asdict(c)} for i, c in enumerate(self.results)]}
+                "results": [{"rank": i + 1, **{k: v for k, v in asdict(c).items() if k != "image"}}
+                            for i, c in enumerate(self.results)]}
 
 
 @dataclass
@@ -434,6 +437,7 @@ class Searcher:
         t2 = time.perf_counter()
         want = max(int(k), self.candidates)
         # an item may have several catalog images: search deeper, keep each item's best image
+        want = want if self.reranker is not identity_rerank else int(k)
         scores, ids = snap.loaded.search(q[None, :], min(snap.loaded.index.ntotal, 2 * want))
         pos = snap.items.positions(ids[0])
         cands, seen, cols = [], set(), snap.items.cols
@@ -445,7 +449,9 @@ class Searcher:
                 continue
             seen.add(item_id)
             r = snap.items.row(int(p))
-            cands.append(Candidate(item_id, str(r["image_id"]), r["title"], r["category"], r["group_id"], float(s)))
+            path = snap.items.root / str(r["image"]) if snap.items.root is not None and r["image"] else None
+            cands.append(Candidate(item_id, str(r["image_id"]), r["title"], r["category"], r["group_id"], float(s),
+                                   image=str(path) if path else None))
             if len(cands) == want:
                 break
         t3 = time.perf_counter()
@@ -474,6 +480,9 @@ def build_searcher(params: dict, model: str | None = None, embeddings_dir: str |
     s = params["serving"]
     info = info or resolve_model(params, model)
     default_emb, default_index = variant_dirs(params, info.name)
+    if reranker is None:
+        from retrieval.rerank_stages import build_reranker
+        reranker = build_reranker(params)
     searcher = Searcher(embedder or load_embedder(info), info, index_dir or default_index,
                         embeddings_dir or default_emb, params["model"]["served_dim"],
                         QueryLimits.from_params(params), reranker, s["candidates"],

@@ -14,7 +14,8 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets",
                                       "stage1_embedder", "semantic_prototypes", "embedding_model",
-                                      "baseline_embedder", "item_embeddings", "ann_index"}
+                                      "baseline_embedder", "item_embeddings", "ann_index",
+                                      "reranker_dataset", "reranker_model", "reranker_pointwise"}
     for arm in ("embedding_model", "baseline_embedder"):  # both models trained, metrics in the summary
         assert "val_all_I_HR_at_1" in summary["stages"][arm]
     assert summary["stages"]["raw_catalog"]["source"] == "manifest"

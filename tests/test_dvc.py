@@ -23,7 +23,7 @@ def test_dvc_repro_runs_the_lineage_on_the_tiny_profile(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["profile"] = "tiny"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for pkg in ("data", "training", "retrieval"):  # the code deps dvc.yaml hashes
+    for pkg in ("data", "training", "retrieval", "evaluation"):  # the code deps dvc.yaml hashes
         shutil.copytree(REPO_ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("raw", "processed", "__pycache__"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "DVC_NO_ANALYTICS": "1"}
@@ -31,7 +31,8 @@ def test_dvc_repro_runs_the_lineage_on_the_tiny_profile(tmp_path):
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
     _run([sys.executable, "-m", "dvc", "repro"], repo, env)
     for stage in ("raw_catalog", "validated_catalog", "splits", "query_sets", "stage1_embedder",
-                  "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index"):
+                  "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index",
+                  "reranker_dataset", "reranker_model", "reranker_pointwise"):
         assert (repo / "data/processed" / stage / "meta.json").is_file(), stage
     assert (repo / "dvc.lock").is_file()
     status = _run([sys.executable, "-m", "dvc", "status"], repo, env)

@@ -9,7 +9,8 @@ from orchestration.launch import execute
 from tests.conftest import write_manifest
 
 LINEAGE = ["raw_catalog", "validated_catalog", "splits", "query_sets", "stage1_embedder",
-           "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index"]
+           "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index",
+           "reranker_dataset", "reranker_model", "reranker_pointwise"]
 
 
 def _materialized(result) -> list[str]:

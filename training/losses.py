@@ -122,3 +122,37 @@ def margin_loss(h: Tensor, w: Tensor, labels: Tensor, margin: float, temperature
     """Cross-entropy (mean over the batch) over ``arcface_logits``."""
     logits = arcface_logits(h, w, labels, margin, temperature)
     return F.cross_entropy(logits, labels.to(logits.device).long().view(-1))
+
+
+# ----------------------------------------------------------------------------- reranker (PAPER "Reranker")
+# Levels follow data.judgments: 0 instance, 1 concept, 2 functional, 3 irrelevant; -1 marks an empty
+# slot of a short chunk. Gains are 3 - level, so "more relevant" = larger gain.
+
+def pairwise_logistic_loss(s: Tensor, levels: Tensor, tau: float = 1.0) -> Tensor:
+    """Mean over discordant pairs (i more relevant than j, same chunk) of
+    w_ij * log(1 + exp(-(s_i - s_j) / tau)), w_ij = max(g_i - g_j, 1). s, levels: [B, M]."""
+    valid = levels >= 0
+    g = (3 - levels).float()
+    s = _at_least_fp32(s).masked_fill(~valid, 0.0)
+    pair = (g[:, :, None] > g[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    w = (g[:, :, None] - g[:, None, :]).clamp_min(1.0)
+    loss = F.softplus(-(s[:, :, None] - s[:, None, :]) / tau)
+    n = pair.sum()
+    return (w * loss * pair).sum() / n.clamp_min(1) if n else s.sum() * 0.0
+
+
+def null_loss(s: Tensor, s_null: Tensor, levels: Tensor, tau: float = 1.0) -> Tensor:
+    """Instance matches above the chunk's NULL score, everything else below it:
+    mean of log(1 + exp(-(s_i - s_null)/tau)) for level 0 and log(1 + exp(-(s_null - s_i)/tau)) else."""
+    valid = levels >= 0
+    diff = (_at_least_fp32(s) - _at_least_fp32(s_null)[:, None]).masked_fill(~valid, 0.0) / tau
+    sign = torch.where(levels == 0, 1.0, -1.0)
+    return (F.softplus(-sign * diff) * valid).sum() / valid.sum().clamp_min(1)
+
+
+def level_loss(level_logits: Tensor, levels: Tensor) -> Tensor:
+    """Cross-entropy of the absolute scorer's 4-level softmax over the filled slots."""
+    valid = levels >= 0
+    if not valid.any():
+        return level_logits.sum() * 0.0
+    return F.cross_entropy(_at_least_fp32(level_logits[valid]), levels[valid].long())

@@ -1,0 +1,145 @@
+"""Rerankers for the search pipeline's hook (retrieval/pipeline.Reranker) and for offline evaluation.
+
+ChunkwiseReranker: the N candidates go into K = ceil(N/M) chunks (retrieval/merge.assign_chunks),
+all K prompts of a query run as one batch, and retrieval/merge.merge turns the per-chunk scores into
+one order (hybrid by default). PointwiseReranker: one prompt per candidate, all in one batch, sorted
+by P(yes). Both set Candidate.rerank_score and the calibrated Candidate.p_instance.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from evaluation.calibration import Calibrator
+from retrieval.merge import assign_chunks, merge
+from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
+
+RERANK_ASSETS = {LIST: "reranker_model", POINT: "reranker_pointwise"}
+
+
+@dataclass
+class Ranked:
+    order: np.ndarray                 # candidate positions, best first
+    score: np.ndarray                 # [N] the score the order came from (by position)
+    p_instance: np.ndarray            # [N] calibrated P(instance match)
+    concept: np.ndarray               # [N] P(level <= 1) where the model has it, else p_instance
+    forward_passes: int
+    extra: dict = field(default_factory=dict)
+
+
+class _Base:
+    mode = ""
+
+    def __init__(self, model: MLLMReranker, calibrator: Calibrator | None = None, batch_size: int = 64):
+        if model.mode != self.mode:
+            raise ValueError(f"{type(self).__name__} needs a {self.mode!r} reranker, got {model.mode!r}")
+        self.model, self.calibrator = model, calibrator or Calibrator("identity", {})
+        self.batch_size = int(batch_size)
+        self.last_stats: dict = {}
+
+    def rank_many(self, queries: Sequence[tuple], docs: Sequence[Sequence[tuple]]) -> list[Ranked]:
+        """Rank the docs of many queries; prompts of several queries share batches."""
+        rows_q, rows_d, spans, plans = [], [], [], []
+        for q, d in zip(queries, docs):
+            plan = self._plan(len(d))
+            spans.append((len(rows_q), len(plan)))
+            plans.append(plan)
+            for positions in plan:
+                rows_q.append(q)
+                rows_d.append([d[i] for i in positions])
+        scored = self.model.score(rows_q, rows_d, batch_size=self.batch_size) if rows_q else []
+        return [self._merge(plan, scored[a:a + n]) for plan, (a, n) in zip(plans, spans)]
+
+    def rank(self, query: tuple, docs: Sequence[tuple]) -> Ranked:
+        return self.rank_many([query], [docs])[0]
+
+    def __call__(self, query, candidates: list) -> list:
+        """The search pipeline's hook: Query + Candidates (with .image paths) -> reordered Candidates."""
+        if not candidates:
+            return candidates
+        t0 = time.perf_counter()
+        docs = [(c.image, c.title, None) if c.image else (None, c.title or c.item_id, None) for c in candidates]
+        ranked = self.rank((query.image, query.text, None), docs)
+        out = []
+        for pos in ranked.order:
+            c = candidates[int(pos)]
+            c.rerank_score = round(float(ranked.score[pos]), 6)
+            c.p_instance = round(float(ranked.p_instance[pos]), 6)
+            out.append(c)
+        self.last_stats = {"forward_passes": ranked.forward_passes, "ms": (time.perf_counter() - t0) * 1e3}
+        return out
+
+
+class ChunkwiseReranker(_Base):
+    mode = LIST
+
+    def __init__(self, model: MLLMReranker, calibrator: Calibrator | None = None, chunk_size: int = 10,
+                 assign: str = "contiguous", merge_how: str = "hybrid", batch_size: int = 64):
+        super().__init__(model, calibrator, batch_size)
+        if merge_how in ("r", "hybrid") and not model.absolute:
+            raise ValueError(f"merge {merge_how!r} needs the absolute scorer; this reranker has none "
+                             "(use merge 's' or 's_minus_null')")
+        self.chunk_size, self.assign, self.merge_how = int(chunk_size), assign, merge_how
+        assign_chunks(1, self.chunk_size, assign)   # validates both now, not at the first query
+
+    def _plan(self, n: int) -> list[np.ndarray]:
+        return assign_chunks(n, self.chunk_size, self.assign)
+
+    def _merge(self, chunks: list[np.ndarray], rows: list[dict]) -> Ranked:
+        n = sum(len(c) for c in chunks)
+        s = [r["s"] for r in rows]
+        s_null = np.array([r["s_null"] for r in rows])
+        r = [r["r"] for r in rows] if self.model.absolute else None
+        order = merge(chunks, s, r, s_null, how=self.merge_how)
+        flat = lambda parts: self._scatter(chunks, parts, n)  # noqa: E731
+        s_all, rel = flat(s), flat([x - sn for x, sn in zip(s, s_null)])
+        if r is not None:
+            raw = flat(r)
+            concept = flat([row["levels"][:, :2].sum(1) for row in rows])
+            score = raw
+        else:   # no absolute scorer: the margin over the chunk's NULL is the only cross-chunk score
+            raw = 1.0 / (1.0 + np.exp(-rel))
+            concept, score = raw, s_all if self.merge_how == "s" else rel
+        return Ranked(order, score, self.calibrator(raw), concept, len(chunks),
+                      {"s": s_all, "s_minus_null": rel, "r_raw": raw})
+
+    @staticmethod
+    def _scatter(chunks, parts, n) -> np.ndarray:
+        out = np.zeros(n)
+        for c, p in zip(chunks, parts):
+            out[c] = p
+        return out
+
+
+class PointwiseReranker(_Base):
+    mode = POINT
+
+    def _plan(self, n: int) -> list[np.ndarray]:
+        return [np.array([i]) for i in range(n)]
+
+    def _merge(self, plan, rows: list[dict]) -> Ranked:
+        p = np.array([r["p_yes"] for r in rows])
+        order = np.argsort(-p, kind="stable")
+        return Ranked(order, p, self.calibrator(p), p, len(plan), {"r_raw": p})
+
+
+def load_reranker(model_dir: str | Path, cfg: dict, mode: str | None = None, merge_how: str | None = None,
+                  assign: str | None = None) -> _Base:
+    """A reranker from a checkpoint directory (with its calibration.json when fitted) and the
+    params' reranker section (chunk size, assignment, merge, batch size, image cache)."""
+    model = MLLMReranker.from_pretrained(model_dir, cache_images=cfg.get("image_cache", 0))
+    if mode and model.mode != mode:
+        raise ValueError(f"{model_dir} holds a {model.mode!r} reranker, not {mode!r}")
+    cal_file = Path(model_dir) / CALIBRATION_FILE
+    cal = Calibrator.load(cal_file) if cal_file.is_file() else None
+    if model.mode == POINT:
+        return PointwiseReranker(model, cal, batch_size=cfg["batch_size_infer"])
+    how = merge_how or cfg["merge"]
+    if not model.absolute and how in ("r", "hybrid"):
+        how = "s_minus_null"   # a model trained without the absolute scorer has only s and s_null
+    return ChunkwiseReranker(model, cal, cfg["chunk_size"], assign or cfg["assign"], how,
+                             batch_size=cfg["batch_size_infer"])

@@ -1,0 +1,297 @@
+"""Reranking lineage nodes: reranker_dataset -> reranker_model (chunkwise listwise) and
+reranker_pointwise, plus the offline evaluation of a reranker over retrieved candidates that both
+the stages (validation) and benchmarks/bench_reranker.py use."""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.loggers import MLFlowLogger
+
+from data.schema import Catalog
+from evaluation.calibration import expected_calibration_error, fit_calibrator, reliability
+from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval_report
+from evaluation.retrieval import encode_queries
+from pailitao.config import Paths, fingerprint
+from pailitao.io import atomic_path, read_json, write_json
+from pailitao.stages import StageResult, _finish
+from pailitao.tracking import start_run, tracking_uri
+from retrieval.pipeline import load_embedder, resolve_model
+from retrieval.rerank import RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked, load_reranker
+from training import rerank_data as rd
+from training.data import TrainItems
+from training.modules import fit
+from training.rerank_module import RerankerModule
+from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
+
+log = logging.getLogger(__name__)
+THRESHOLD_FILE = "threshold.json"
+
+
+# ------------------------------------------------------------------------------------------ data
+def _gallery(params: dict) -> tuple[Path, pd.DataFrame, np.ndarray, dict]:
+    """item_embeddings of the served embedder: (dir, items with absolute image paths, embeddings, meta)."""
+    emb_dir = Paths.from_params(params).asset("item_embeddings")
+    meta = read_json(emb_dir / "meta.json")
+    items = pd.read_parquet(emb_dir / "items.parquet")
+    items["image"] = [str(emb_dir.parent / p) for p in items["image"]]
+    return emb_dir, items, np.load(emb_dir / "embeddings.npy"), meta
+
+
+def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """Noisy queries of train items with their top-N candidates from the served embedder (within
+    the train split), graded levels, level-balanced training chunks; and validation queries
+    (query_sets, val split) with their top-N from the whole catalog, for calibration."""
+    paths, t0 = Paths.from_params(params), time.perf_counter()
+    cfg, n = params["reranker"], params["serving"]["candidates"]
+    catalog = Catalog.load(paths.asset("validated_catalog"))
+    splits = pd.read_parquet(paths.asset("splits") / "splits.parquet")
+    info = resolve_model(params)
+    _, gallery, g_emb, meta = _gallery(params)
+    if meta["model_version"] != info.fingerprint:
+        raise ValueError(f"item_embeddings were built by model {meta['model_version']}, the served embedder is "
+                         f"{info.fingerprint} ({info.source}); rebuild item_embeddings first")
+    embedder, dim = load_embedder(info), params["model"]["served_dim"]
+    train = TrainItems.from_catalog(catalog, splits).table
+    out = paths.asset("reranker_dataset")
+    qs_root = paths.asset("query_sets")
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        queries = rd.train_queries(train, params, tmp)
+        in_train = gallery["item_id"].isin(set(train["item_id"])).to_numpy()
+        cands = rd.retrieve(encode_queries(embedder, queries, tmp, dim), gallery[in_train].reset_index(drop=True),
+                            g_emb[in_train], queries["query_id"], n)
+        cands = rd.label(cands, queries, catalog.items)
+        chunks = rd.training_chunks(cands, cfg["chunk_size"], cfg["instance_share"], params["seed"])
+        val = pd.read_parquet(qs_root / "queries.parquet")
+        val = val[val["split"] == "val"].groupby("level", group_keys=False).head(cfg["val_queries"]).reset_index(drop=True)
+        val_cands = rd.label(rd.retrieve(encode_queries(embedder, val, qs_root, dim), gallery, g_emb,
+                                         val["query_id"], n), val, catalog.items)
+        queries.to_parquet(tmp / "queries.parquet", index=False)
+        cands.to_parquet(tmp / "candidates.parquet", index=False)
+        chunks.to_parquet(tmp / "chunks.parquet", index=False)
+        val.to_parquet(tmp / "val_queries.parquet", index=False)
+        val_cands.to_parquet(tmp / "val_candidates.parquet", index=False)
+        write_json({"fingerprint": catalog.meta["fingerprint"], "embedder": info.fingerprint,
+                    "embedder_source": info.source, "candidates": n}, tmp / "meta.json")
+    hit = lambda c, q: float(c[c["level"] == 0]["query_id"].nunique() / max(len(q), 1))  # noqa: E731
+    metrics = {"train_queries": len(queries), "val_queries": len(val), "chunks": int(chunks.groupby(["query_id", "chunk"]).ngroups),
+               "train_instance_in_topN": hit(cands, queries), "val_instance_in_topN": hit(val_cands, val),
+               "chunks_with_instance": float(chunks.groupby("query_id")["level"].min().eq(0).mean()) if len(chunks) else 0.0,
+               **rd.level_stats(cands, "candidates"), **rd.level_stats(chunks, "chunks"),
+               "seconds": round(time.perf_counter() - t0, 1)}
+    res = StageResult("reranker_dataset", out, metrics=metrics,
+                      info={"embedder": info.source, "fingerprint": catalog.meta["fingerprint"]},
+                      markdown={"levels": pd.DataFrame({
+                          "level": ["instance", "concept", "functional", "irrelevant"],
+                          "candidates": [metrics[f"candidates_level{i}"] for i in range(4)],
+                          "balanced chunks": [metrics[f"chunks_level{i}"] for i in range(4)]}).to_markdown(index=False)})
+    with start_run("reranker_dataset", params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        return _finish(res, run)
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def docs_for(cands: pd.DataFrame, gallery: pd.DataFrame) -> dict[str, list[tuple]]:
+    """query_id -> candidate docs (image path, title, None) in retrieval order."""
+    image_of = dict(zip(gallery["image_id"], gallery["image"]))
+    title_of = dict(zip(gallery["item_id"], gallery["title"]))
+    c = cands.sort_values(["query_id", "rank"])
+    return {q: [(image_of[i], title_of.get(it), None) for i, it in zip(g["image_id"], g["item_id"])]
+            for q, g in c.groupby("query_id", sort=False)}
+
+
+def query_doc(row, root: Path) -> tuple:
+    return (Path(root) / row["image"] if isinstance(row["image"], str) else None,
+            row["text"] if isinstance(row["text"], str) else None, None)
+
+
+def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame, gallery: pd.DataFrame,
+                 block: int = 16) -> dict:
+    """Rerank every query's candidates (ranker None = the embedder's order). Returns levels [Q, N]
+    in final order, the instance and concept pair scores [Q, N] by retrieval position, level [Q, N]
+    by retrieval position, forward passes and wall seconds."""
+    docs = docs_for(cands, gallery)
+    by_q = {q: g.sort_values("rank") for q, g in cands.groupby("query_id")}
+    n = max((len(g) for g in by_q.values()), default=0)
+    Q = len(queries)
+    final, lv_pos = np.full((Q, n), 9, dtype=np.int64), np.full((Q, n), 9, dtype=np.int64)
+    p_inst, p_conc, p_raw = np.full((Q, n), -np.inf), np.full((Q, n), -np.inf), np.full((Q, n), -np.inf)
+    passes, t0 = 0, time.perf_counter()
+    qids = queries["query_id"].tolist()
+    row_of = {q: i for i, q in enumerate(qids)}
+    for s in range(0, Q, block):
+        part = [q for q in qids[s:s + block] if q in by_q]
+        if ranker is None:
+            ranked = [Ranked(np.arange(len(by_q[q])), by_q[q]["score"].to_numpy(), by_q[q]["score"].to_numpy(),
+                             by_q[q]["score"].to_numpy(), 0) for q in part]
+        else:
+            rows = queries.set_index("query_id").loc[part]
+            ranked = ranker.rank_many([query_doc(r, root) for _, r in rows.iterrows()], [docs[q] for q in part])
+        for q, r in zip(part, ranked):
+            i, levels = row_of[q], by_q[q]["level"].to_numpy()
+            m = len(levels)
+            final[i, :m], lv_pos[i, :m] = levels[r.order], levels
+            p_inst[i, :m], p_conc[i, :m] = r.p_instance, r.concept
+            p_raw[i, :m] = r.extra.get("r_raw", r.p_instance)
+            passes += r.forward_passes
+    return {"levels": final, "levels_by_rank": lv_pos, "p_instance": p_inst, "p_concept": p_conc, "p_raw": p_raw,
+            "forward_passes": passes, "seconds": time.perf_counter() - t0, "queries": Q}
+
+
+def prf(run: dict, thresholds: dict | None = None) -> tuple[dict, dict]:
+    """Instance ({0}) and concept ({0,1}) precision/recall/F1 over all (query, candidate) pairs, at
+    the given thresholds or, without them, at the best-F1 thresholds of these (validation) pairs."""
+    filled = run["levels_by_rank"] < 9
+    lv = run["levels_by_rank"][filled]
+    out, chosen = {}, {}
+    for name, key, pos in (("instance", "p_instance", lv == 0), ("concept", "p_concept", lv <= 1)):
+        score = run[key][filled]
+        t = (thresholds or {}).get(name)
+        if t is None:
+            t = best_f1_threshold(score, pos)[0]
+        p, r, f = precision_recall_f1(score, pos, t)
+        chosen[name] = float(t)
+        out.update({f"{name}_P": 100 * p, f"{name}_R": 100 * r, f"{name}_F1": 100 * f})
+    return out, chosen
+
+
+def report(run: dict, queries: pd.DataFrame) -> pd.DataFrame:
+    return retrieval_report(run["levels"], queries["n_instance"].to_numpy(), queries["n_concept"].to_numpy(),
+                            ks=(1, 5, 10), groups=queries["level"].reset_index(drop=True))
+
+
+# ------------------------------------------------------------------------------------------ training
+def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | None = None,
+                   stage: str | None = None, register: bool = True) -> StageResult:
+    """Train a pointwise or listwise reranker on reranker_dataset, calibrate P(instance) on the
+    validation candidates, choose the P/R/F1 thresholds there, save to out/model (atomic),
+    register it in MLflow."""
+    from pailitao.registry import log_reranker
+
+    paths, cfg, t0 = Paths.from_params(params), params["reranker"], time.perf_counter()
+    stage = stage or RERANK_ASSETS[mode]
+    ds = paths.asset("reranker_dataset")
+    ds_meta = read_json(ds / "meta.json")
+    _, gallery, _, _ = _gallery(params)
+    info = resolve_model(params)
+    chunks, queries = pd.read_parquet(ds / "chunks.parquet"), pd.read_parquet(ds / "queries.parquet")
+    L.seed_everything(params["seed"], workers=True)
+    model = MLLMReranker.from_embedder(info.path, mode=mode, absolute=cfg["absolute"],
+                                       scorer_hidden=cfg["scorer_hidden"], query_crop=cfg["query_crop"])
+    data = rd.RerankSet(chunks, queries, ds, dict(zip(gallery["image_id"], gallery["image"])),
+                        dict(zip(gallery["item_id"], gallery["title"])), mode)
+    bs = cfg["batch_size"] if mode == LIST else cfg["point_batch_size"]
+    loader = torch.utils.data.DataLoader(data, batch_size=bs, shuffle=True, collate_fn=rd.collate,
+                                         generator=torch.Generator().manual_seed(params["seed"]))
+    module = RerankerModule(model, cfg, cfg["steps"])
+    work = paths.processed / ".work" / f"{stage}-{fingerprint([ds_meta, cfg, params['train'], params['seed'], str(out)])}"
+    with start_run(stage, params, ds_meta["fingerprint"], dagster_run_id) as run:
+        logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
+        trainer = fit(module, loader, params, work, cfg["steps"], logger)
+        train_s = time.perf_counter() - t0
+        model.eval()
+        # validation: rerank the val candidates, fit the calibrator, choose P/R/F1 thresholds
+        val_q, val_c = pd.read_parquet(ds / "val_queries.parquet"), pd.read_parquet(ds / "val_candidates.parquet")
+        ranker = (PointwiseReranker(model, batch_size=cfg["batch_size_infer"]) if mode == POINT else
+                  ChunkwiseReranker(model, None, cfg["chunk_size"], cfg["assign"],
+                                    cfg["merge"] if model.absolute else "s_minus_null", cfg["batch_size_infer"]))
+        qs_root = paths.asset("query_sets")
+        val_run = run_reranker(ranker, val_q, qs_root, val_c, gallery)
+        filled = val_run["levels_by_rank"] < 9
+        raw = val_run["p_instance"][filled]
+        positive = val_run["levels_by_rank"][filled] == 0
+        cal = fit_calibrator(raw, positive, cfg["calibration"])
+        cal_report = cross_fitted_ece(raw, positive, cfg["calibration"])
+        val_run["p_instance"] = np.where(np.isfinite(val_run["p_instance"]), cal(np.nan_to_num(val_run["p_instance"], neginf=0.0).clip(0, 1)), -np.inf)
+        pr, thresholds = prf(val_run)
+        rep = report(val_run, val_q).reset_index()
+        with atomic_path(out) as tmp:
+            tmp.mkdir(parents=True)
+            model.save_pretrained(tmp / "model")
+            cal.save(tmp / "model" / CALIBRATION_FILE)
+            write_json(thresholds, tmp / "model" / THRESHOLD_FILE)
+            rep.to_parquet(tmp / "val_report.parquet", index=False)
+            write_json({"mode": mode, "dataset": ds_meta, "steps": cfg["steps"], "calibration": cal_report,
+                        "thresholds": thresholds}, tmp / "meta.json")
+        version = log_reranker(out / "model", stage) if register else "not registered"
+        shutil.rmtree(work, ignore_errors=True)
+        _log_reliability(raw, cal(raw), positive)
+        all_row = rep.set_index("group").loc["all"]
+        loss = trainer.callback_metrics.get("train/loss")
+        per_step = cfg["batch_size"] if mode == LIST else cfg["point_batch_size"]
+        res = StageResult(stage, out, metrics={
+            "steps": trainer.global_step, "train_seconds": round(train_s, 1),
+            "samples_per_second": round(cfg["steps"] * per_step / max(train_s, 1e-9), 2),
+            "final_loss": float(loss) if loss is not None else float("nan"),
+            "val_I_HR_at_1": float(all_row["I-HR@1"]), "val_I_HR_at_10": float(all_row["I-HR@10"]),
+            **{f"val_{k}": v for k, v in pr.items()},
+            "val_ece_before": cal_report["ece_before"], "val_ece_after": cal_report["ece_after"],
+            "val_queries_per_second": round(val_run["queries"] / max(val_run["seconds"], 1e-9), 2)},
+            info={"mode": mode, "registered_version": version, "calibration": cal.kind,
+                  "fingerprint": ds_meta["fingerprint"]},
+            markdown={"validation": rep.to_markdown(index=False, floatfmt=".2f")})
+        return _finish(res, run)
+
+
+def cross_fitted_ece(prob: np.ndarray, positive: np.ndarray, kind: str, seed: int = 0) -> dict:
+    """ECE before and after calibration where "after" is honest: two folds, each calibrated by a
+    calibrator fitted on the other (fitting and measuring on the same pairs would read ~0)."""
+    fold = np.random.default_rng(seed).random(len(prob)) < 0.5
+    after = np.empty(len(prob))
+    for f in (fold, ~fold):
+        after[f] = fit_calibrator(prob[~f], positive[~f], kind)(prob[f]) if f.any() else prob[f]
+    return {"ece_before": expected_calibration_error(prob, positive),
+            "ece_after": expected_calibration_error(after, positive), "n": int(len(prob)),
+            "positives": int(positive.sum())}
+
+
+def _log_reliability(before: np.ndarray, after: np.ndarray, positive: np.ndarray) -> None:
+    """Calibration diagram (validation) as an MLflow artifact."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    for p, name in ((before, "raw"), (after, "calibrated")):
+        rel = reliability(p, positive)
+        ax.plot(rel["mean_prob"], rel["frac_pos"], "o-", label=name)
+    ax.set_xlabel("predicted P(instance)"), ax.set_ylabel("observed frequency"), ax.legend()
+    fig.tight_layout()
+    mlflow.log_figure(fig, "calibration.png")
+    plt.close(fig)
+
+
+def reranker_model(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """The chunkwise listwise reranker (NULL token, absolute scorer, hybrid merge)."""
+    return train_reranker(params, LIST, Paths.from_params(params).asset("reranker_model"), dagster_run_id)
+
+
+def reranker_pointwise(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """The pointwise reranker (P(yes) per candidate), the comparison arm."""
+    return train_reranker(params, POINT, Paths.from_params(params).asset("reranker_pointwise"), dagster_run_id)
+
+
+def build_reranker(params: dict, kind: str | None = None):
+    """The search pipeline's reranker for serving.rerank (none | point | list); None for none."""
+    kind = kind or params["serving"].get("rerank", "none")
+    if kind in (None, "none"):
+        return None
+    if kind not in RERANK_ASSETS:
+        raise ValueError(f"serving.rerank must be none, point or list, got {kind!r}")
+    model_dir = Paths.from_params(params).asset(RERANK_ASSETS[kind]) / "model"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"serving.rerank is {kind!r} but {model_dir} does not exist: run "
+                                f"`pailitao {RERANK_ASSETS[kind]}` (or set serving.rerank: none)")
+    return load_reranker(model_dir, params["reranker"], mode=kind)
+
+
+RERANK_STAGES = {"reranker_dataset": reranker_dataset, "reranker_model": reranker_model,
+                 "reranker_pointwise": reranker_pointwise}

@@ -1,0 +1,85 @@
+"""Reranking lineage on the tiny profile: reranker_dataset contents, the trained rerankers served
+through the search pipeline (serving.rerank list / point), the registered pyfunc, bad config."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pailitao.config import Paths, deep_merge
+from retrieval import pipeline as pl
+from retrieval.rerank_stages import build_reranker
+from training.reranker import CALIBRATION_FILE
+
+
+@pytest.fixture(scope="module")
+def catalog_first(tiny_lineage) -> dict:
+    from data.schema import Catalog
+    from evaluation.retrieval import gallery
+
+    catalog = Catalog.load(Paths.from_params(tiny_lineage).asset("validated_catalog"))
+    row = gallery(catalog).iloc[0]
+    path = catalog.image_file(row["path"])
+    return {**row.to_dict(), "path": str(path), "bytes": path.read_bytes()}
+
+
+def test_reranker_dataset_has_graded_balanced_chunks(tiny_lineage):
+    ds = Paths.from_params(tiny_lineage).asset("reranker_dataset")
+    cands = pd.read_parquet(ds / "candidates.parquet")
+    chunks = pd.read_parquet(ds / "chunks.parquet")
+    queries = pd.read_parquet(ds / "queries.parquet")
+    n = tiny_lineage["serving"]["candidates"]
+    assert set(cands["level"].unique()) <= {0, 1, 2, 3}
+    assert cands.groupby("query_id")["rank"].apply(lambda r: list(r) == list(range(len(r)))).all()
+    assert cands.groupby("query_id").size().max() <= n
+    assert chunks.groupby(["query_id", "chunk"]).size().max() <= tiny_lineage["reranker"]["chunk_size"]
+    assert set(chunks["query_id"]) <= set(queries["query_id"])
+    # a chunk's slots keep retrieval order, and each instance row really is the query's item group
+    assert chunks.groupby("query_id")["rank"].apply(lambda r: r.is_monotonic_increasing).all()
+    for f in queries["image"]:
+        assert (ds / f).is_file()
+    assert (pd.read_parquet(ds / "val_candidates.parquet")["level"] >= 0).all()
+
+
+@pytest.mark.parametrize("kind", ["list", "point"])
+def test_search_with_a_trained_reranker(tiny_lineage, catalog_first, kind):
+    params = deep_merge(tiny_lineage, {"serving": {"rerank": kind}})
+    model_dir = Paths.from_params(params).asset("reranker_model" if kind == "list" else "reranker_pointwise") / "model"
+    assert (model_dir / CALIBRATION_FILE).is_file()
+    searcher = pl.build_searcher(params)
+    plain = pl.build_searcher(deep_merge(params, {"serving": {"rerank": "none"}}), embedder=searcher.embedder,
+                              info=searcher.model)
+    res = searcher.search(catalog_first["bytes"], catalog_first["title"], k=params["serving"]["candidates"])
+    base = plain.search(catalog_first["bytes"], catalog_first["title"], k=params["serving"]["candidates"])
+    assert sorted(c.item_id for c in res.results) == sorted(c.item_id for c in base.results)
+    assert all(0.0 <= c.p_instance <= 1.0 and c.rerank_score is not None for c in res.results)
+    assert res.latency_ms["rerank"] > 0
+    body = res.to_dict()
+    assert "p_instance" in body["results"][0] and "image" not in body["results"][0]   # no server paths leak
+    passes = searcher.reranker.last_stats["forward_passes"]
+    m = params["reranker"]["chunk_size"]
+    assert passes == (len(res.results) if kind == "point" else -(-len(res.results) // m))
+
+
+def test_registered_reranker_pyfunc_ranks_rows(tiny_lineage, catalog_first, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_lineage["mlflow"]["tracking_uri"])
+    mlflow.set_tracking_uri(tiny_lineage["mlflow"]["tracking_uri"])
+    model = mlflow.pyfunc.load_model("models:/pailitao-listwise-reranker/latest")
+    items = pd.read_parquet(Paths.from_params(tiny_lineage).asset("item_embeddings") / "items.parquet").head(5)
+    root = Paths.from_params(tiny_lineage).asset("item_embeddings").parent
+    df = pd.DataFrame({"query_id": "q1", "query_image": catalog_first["path"], "query_text": "",
+                       "image": [str(root / p) for p in items["image"]], "text": items["title"]})
+    out = model.predict(df)
+    assert sorted(out["rank"]) == [1, 2, 3, 4, 5]
+    assert np.all((out["p_instance"] >= 0) & (out["p_instance"] <= 1))
+
+
+def test_bad_rerank_config_is_named(tiny_lineage, tmp_path):
+    with pytest.raises(ValueError, match="serving.rerank must be"):
+        build_reranker(tiny_lineage, "listwise")
+    empty = deep_merge(tiny_lineage, {"workdir": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="pailitao reranker_model"):
+        build_reranker(empty, "list")
+    assert build_reranker(tiny_lineage, "none") is None

@@ -1,0 +1,135 @@
+"""Reranker training data: noisy queries of train items, their top-N candidates from the embedding
+model (hard negatives for free), graded levels from the judgments, and level-balanced chunks.
+
+A candidate row: query_id, rank (0 = the embedder's best), item_id, image_id, score, level.
+A chunk row: query_id, chunk, slot, item_id, image_id, level (slots in retrieval order, like
+inference's contiguous chunks)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from data.judgments import pair_levels
+from data.noise import noise_image, noise_text
+from data.splits import unit_hash
+
+
+def _seed(*parts) -> int:
+    return int(unit_hash(*parts) * 2**31)
+
+
+def train_queries(items: pd.DataFrame, params: dict, out_dir: Path) -> pd.DataFrame:
+    """Noisy shopper-style queries of a deterministic sample of train items (`items`: item_id,
+    group_id, title, image = absolute catalog file), written as JPEG under out_dir/images.
+    Returns query_id, item_id, group_id, level, image (relative to out_dir), text."""
+    cfg, seed = params["reranker"], params["seed"]
+    order = sorted(items["item_id"], key=lambda i: unit_hash("rerank-q", seed, i))
+    pick = items.set_index("item_id").loc[order[: int(cfg["train_queries"])]].reset_index()
+    pool = items["image"].tolist()
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, r in enumerate(pick.itertuples()):
+        level = cfg["query_levels"][n % len(cfg["query_levels"])]
+        s = _seed("rerank-noise", seed, r.item_id)
+        rng = np.random.default_rng(s)
+        bgs = [Image.open(pool[j]).convert("RGB") for j in rng.integers(len(pool), size=2)]
+        img = noise_image(Image.open(r.image).convert("RGB"), level, params["noise"][level], s, backgrounds=bgs)
+        qid = f"train-{level}-{n:06d}"
+        rel = f"images/{qid}.jpg"
+        img.save(out_dir / rel, "JPEG", quality=params["queries"]["image_quality"])
+        text = noise_text(r.title, level, params["noise"][level], s) if rng.random() < cfg["text_share"] else None
+        rows.append({"query_id": qid, "item_id": r.item_id, "group_id": r.group_id, "level": level,
+                     "image": rel, "text": text})
+    return pd.DataFrame(rows)
+
+
+def retrieve(q_emb: np.ndarray, gallery: pd.DataFrame, g_emb: np.ndarray, query_ids, n: int) -> pd.DataFrame:
+    """Top-n distinct items per query by exact inner product (an item with several images keeps
+    its best one). gallery: image_id, item_id, ... aligned with g_emb."""
+    index = faiss.IndexFlatIP(g_emb.shape[1])
+    index.add(np.ascontiguousarray(g_emb, dtype=np.float32))
+    scores, nn = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(len(gallery), 3 * n))
+    items, images = gallery["item_id"].to_numpy(), gallery["image_id"].to_numpy()
+    rows = []
+    for qid, sc, row in zip(query_ids, scores, nn):
+        seen: set = set()
+        for s, j in zip(sc, row):
+            if j < 0 or items[j] in seen:
+                continue
+            seen.add(items[j])
+            rows.append((qid, len(seen) - 1, items[j], images[j], float(s)))
+            if len(seen) == n:
+                break
+    return pd.DataFrame(rows, columns=["query_id", "rank", "item_id", "image_id", "score"])
+
+
+def label(cands: pd.DataFrame, queries: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """Add each candidate's level (0 instance .. 3 irrelevant) against its query's target item."""
+    meta = items.set_index("item_id")[["group_id", "category"]]
+    target = queries.set_index("query_id")["item_id"].reindex(cands["query_id"]).to_numpy()
+    tq, td = meta.reindex(target), meta.reindex(cands["item_id"].to_numpy())
+    level = pair_levels(tq["group_id"], tq["category"], td["group_id"], td["category"])
+    return cands.assign(level=level)
+
+
+def training_chunks(cands: pd.DataFrame, m: int, instance_share: float, seed: int) -> pd.DataFrame:
+    """One chunk of at most m candidates per query, balanced over levels: with probability
+    instance_share the query's instance match (when retrieved) is in the chunk; the other slots
+    are drawn with weights inversely proportional to each level's frequency in the candidate
+    pool, so the rare concept and functional matches are seen. Slots keep retrieval order."""
+    freq = cands["level"].value_counts(normalize=True)
+    out = []
+    for qid, g in cands.groupby("query_id", sort=True):
+        rng = np.random.default_rng(_seed("rerank-chunk", seed, qid))
+        inst = g[g["level"] == 0]
+        keep = inst.head(1) if len(inst) and rng.random() < instance_share else inst.iloc[:0]
+        rest = g[g["level"] != 0]
+        k = min(m - len(keep), len(rest))
+        w = 1.0 / rest["level"].map(freq).to_numpy()
+        pick = rest.iloc[rng.choice(len(rest), size=k, replace=False, p=w / w.sum())] if k else rest.iloc[:0]
+        chunk = pd.concat([keep, pick]).sort_values("rank")
+        out.append(chunk.assign(chunk=0, slot=np.arange(len(chunk))))
+    cols = ["query_id", "chunk", "slot", "rank", "item_id", "image_id", "level"]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def level_stats(df: pd.DataFrame, prefix: str) -> dict:
+    counts = df["level"].value_counts().reindex(range(4), fill_value=0)
+    return {f"{prefix}_level{lv}": int(c) for lv, c in counts.items()}
+
+
+class RerankSet(torch.utils.data.Dataset):
+    """Training samples from chunks. list: one sample per chunk (query + its candidates);
+    point: one sample per (query, candidate) pair of the same chunks."""
+
+    def __init__(self, chunks: pd.DataFrame, queries: pd.DataFrame, query_root: Path,
+                 image_of: dict, title_of: dict, mode: str):
+        self.q = queries.set_index("query_id")
+        self.root, self.image_of, self.title_of, self.mode = Path(query_root), image_of, title_of, mode
+        groups = [g for _, g in chunks.groupby(["query_id", "chunk"], sort=True)]
+        self.samples = groups if mode == "list" else [r.to_frame().T for g in groups for _, r in g.iterrows()]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        g = self.samples[i]
+        q = self.q.loc[g["query_id"].iloc[0]]
+        text = q["text"] if isinstance(q["text"], str) else None
+        query = (Image.open(self.root / q["image"]).convert("RGB"), text, None)
+        docs = [(Image.open(self.image_of[im]).convert("RGB"), self.title_of[it], None)
+                for im, it in zip(g["image_id"], g["item_id"])]
+        return {"query": query, "docs": docs, "levels": torch.tensor(g["level"].astype(int).to_numpy())}
+
+
+def collate(samples: list[dict]) -> dict:
+    m = max(len(s["levels"]) for s in samples)
+    levels = torch.full((len(samples), m), -1, dtype=torch.long)
+    for i, s in enumerate(samples):
+        levels[i, : len(s["levels"])] = s["levels"]
+    return {"queries": [s["query"] for s in samples], "docs": [s["docs"] for s in samples], "levels": levels}
