@@ -74,7 +74,8 @@ function render(body, roundTrip) {
     const info = document.createElement("div");
     info.className = "info";
     info.textContent = `#${r.rank} · ${r.category || ""} · score ${r.score.toFixed(3)}` +
-      (r.rerank_score == null ? "" : ` · rerank ${r.rerank_score.toFixed(3)}`);
+      (r.rerank_score == null ? "" : ` · rerank ${r.rerank_score.toFixed(3)}`) +
+      (r.p_instance == null ? "" : ` · P(same product) ${(100 * r.p_instance).toFixed(0)}%`);
     li.append(img, title, info);
     li.addEventListener("click", () => fetch("/click", {
       method: "POST", headers: {"Content-Type": "application/json", "X-Session-Id": session},
