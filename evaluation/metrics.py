@@ -191,18 +191,13 @@ def _nanmean_pct(x: np.ndarray) -> float:
     return float(np.nanmean(x) * 100.0)
 
 
-def retrieval_report(levels, n_instance, n_concept, ks=(1, 5, 10), groups: pd.Series | None = None,
-                     n_relevant_by_level: np.ndarray | None = None) -> pd.DataFrame:
-    """One row per group ("all" first, always present, then each value of ``groups`` in sorted
-    order), indexed by ``group``; columns I-HR@k, C-HR@k, R@k for each k in ``ks``, mAP@R (instance),
-    NDCG@10, n_queries. Metric values are nan-aware means in percent (0-100) like the paper.
-
-    ``n_instance``: # level-0 docs per query in the gallery; ``n_concept``: # docs of level 0 OR 1.
-    R@k is nan for queries without any instance in the gallery (undefined, like I-HR).
-    NDCG@10's ideal uses ``n_relevant_by_level`` ([Q, 4]) when given; else gallery counts for levels 0
-    and 1 and, for level 2 (unknown here), the number of level-2 docs seen in the ranked list (a lower
-    bound, so NDCG stays <= 1).
-    ``groups``: one label per query (positional; e.g. the query's noise level)."""
+def per_query_metrics(levels, n_instance, n_concept, ks=(1, 5, 10),
+                      n_relevant_by_level: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per query (positional RangeIndex), columns I-HR@k, C-HR@k for each k in ``ks``, then
+    R@k for each k, mAP@R (instance), NDCG@10: values in [0, 1], nan where undefined. This is what
+    ``retrieval_report`` averages; it is exposed on its own because paired comparisons
+    (``evaluation.compare``) need the per-query values, not the means. Arguments as in
+    ``retrieval_report``."""
     lv = _levels(levels)
     q = lv.shape[0]
     n_inst = _per_query(n_instance, q, "n_instance")
@@ -223,6 +218,25 @@ def retrieval_report(levels, n_instance, n_concept, ks=(1, 5, 10), groups: pd.Se
         n_func_seen = (lv == FUNCTIONAL).sum(axis=1)
         n_relevant_by_level = np.stack([n_inst, n_conc - n_inst, n_func_seen, np.zeros(q)], axis=1)
     cols["NDCG@10"] = ndcg_at_k(lv, 10, n_relevant_by_level)
+    return pd.DataFrame(cols, index=pd.RangeIndex(q, name="query"))
+
+
+def retrieval_report(levels, n_instance, n_concept, ks=(1, 5, 10), groups: pd.Series | None = None,
+                     n_relevant_by_level: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per group ("all" first, always present, then each value of ``groups`` in sorted
+    order), indexed by ``group``; columns I-HR@k, C-HR@k, R@k for each k in ``ks``, mAP@R (instance),
+    NDCG@10, n_queries. Metric values are nan-aware means in percent (0-100) like the paper.
+
+    ``n_instance``: # level-0 docs per query in the gallery; ``n_concept``: # docs of level 0 OR 1.
+    R@k is nan for queries without any instance in the gallery (undefined, like I-HR).
+    NDCG@10's ideal uses ``n_relevant_by_level`` ([Q, 4]) when given; else gallery counts for levels 0
+    and 1 and, for level 2 (unknown here), the number of level-2 docs seen in the ranked list (a lower
+    bound, so NDCG stays <= 1).
+    ``groups``: one label per query (positional; e.g. the query's noise level).
+    The per-query values come from ``per_query_metrics``."""
+    pq = per_query_metrics(levels, n_instance, n_concept, ks, n_relevant_by_level)
+    q = len(pq)
+    cols = {c: pq[c].to_numpy() for c in pq.columns}
 
     if groups is None:
         labels = None
@@ -249,6 +263,22 @@ def retrieval_report(levels, n_instance, n_concept, ks=(1, 5, 10), groups: pd.Se
             rows.append(row)
     out = pd.DataFrame(rows, index=pd.Index([name for name, _ in selections], name="group", dtype=object))
     return out[list(cols) + ["n_queries"]]
+
+
+# ----------------------------------------------------------------------------- latency
+def latency_summary(ms) -> dict:
+    """Latency distribution of per-request times in milliseconds: n, mean, p50, p90, p95, p99, max
+    (numpy's default linear-interpolated percentiles), all floats except n. Tails, not the mean, are
+    what a serving SLO is written against, hence the high percentiles. nan entries are dropped; no
+    values -> n = 0 and nan everywhere else."""
+    x = np.asarray(ms, dtype=np.float64).reshape(-1)
+    x = x[~np.isnan(x)]
+    keys = ("mean", "p50", "p90", "p95", "p99", "max")
+    if x.size == 0:
+        return {"n": 0, **{k: float("nan") for k in keys}}
+    p50, p90, p95, p99 = np.percentile(x, [50, 90, 95, 99])
+    return {"n": int(x.size), "mean": float(x.mean()), "p50": float(p50), "p90": float(p90),
+            "p95": float(p95), "p99": float(p99), "max": float(x.max())}
 
 
 # ----------------------------------------------------------------------------- thresholded P/R/F1

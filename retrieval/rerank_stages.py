@@ -69,7 +69,9 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
         cands = rd.retrieve(encode_queries(embedder, queries, tmp, dim), gallery[in_train].reset_index(drop=True),
                             g_emb[in_train], queries["query_id"], n)
         cands = rd.label(cands, queries, catalog.items)
-        chunks = rd.training_chunks(cands, cfg["chunk_size"], cfg["instance_share"], params["seed"])
+        own = gallery.drop_duplicates("item_id")   # an item's first catalog image
+        positives = queries[["query_id", "item_id"]].merge(own[["item_id", "image_id"]], on="item_id")
+        chunks = rd.training_chunks(cands, cfg["chunk_size"], cfg["instance_share"], params["seed"], positives)
         val = pd.read_parquet(qs_root / "queries.parquet")
         val = val[val["split"] == "val"].groupby("level", group_keys=False).head(cfg["val_queries"]).reset_index(drop=True)
         val_cands = rd.label(rd.retrieve(encode_queries(embedder, val, qs_root, dim), gallery, g_emb,

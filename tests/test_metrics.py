@@ -21,8 +21,10 @@ from evaluation.metrics import (
     best_f1_threshold,
     concept_hit_rate,
     instance_hit_rate,
+    latency_summary,
     map_at_r,
     ndcg_at_k,
+    per_query_metrics,
     precision_recall_f1,
     ranked_levels,
     recall_at_k,
@@ -279,3 +281,34 @@ def test_best_f1_threshold_tie_goes_to_highest_threshold():
     # F1 = 2 tp / (n_pred + n_pos): t 0.9 -> 2/3 ; 0.8 -> 2/4 ; 0.7 -> 2/5 ; 0.6 -> 4/6 = 2/3 (tie)
     t, p, r, f = best_f1_threshold(scores, pos)
     assert (t, p, r, f) == pytest.approx((0.9, 1.0, 0.5, 2 / 3))
+
+
+# ----------------------------------------------------------------------------- per-query / latency
+def test_per_query_metrics_means_are_the_report_all_row():
+    rng = np.random.default_rng(5)
+    lv = rng.integers(0, 4, size=(50, 12))
+    lv[:8][lv[:8] == 0] = 3                          # 8 queries without any instance -> nan I-HR / R / mAP
+    # gallery counts consistent with the ranked lists (which are a subset of the gallery)
+    n_inst = (lv == 0).sum(axis=1) + rng.integers(0, 3, size=50) * (np.arange(50) >= 8)
+    n_conc = n_inst + (lv == 1).sum(axis=1) + rng.integers(0, 3, size=50)
+    pq = per_query_metrics(lv, n_inst, n_conc, ks=(1, 5, 10))
+    rep = retrieval_report(lv, n_inst, n_conc, ks=(1, 5, 10))
+    assert len(pq) == 50 and list(pq.columns) == list(rep.columns.drop("n_queries"))
+    vals = pq.to_numpy()
+    assert np.all((vals[~np.isnan(vals)] >= 0) & (vals[~np.isnan(vals)] <= 1))
+    assert pq["I-HR@1"].isna().sum() == (n_inst == 0).sum()
+    np.testing.assert_allclose(pq.mean().to_numpy(), rep.loc["all"].drop("n_queries").to_numpy(dtype=float) / 100)
+    # hand rows: LEVELS with n_inst [2, 2], n_conc [3, 20] -> I-HR@1 [0, 1], mAP@R [0.25, 1]
+    hand = per_query_metrics(LEVELS, np.array([2, 2]), np.array([3, 20]), ks=(1,))
+    np.testing.assert_allclose(hand["I-HR@1"], [0.0, 1.0])
+    np.testing.assert_allclose(hand["mAP@R"], [0.25, 1.0])
+
+
+def test_latency_summary_hand():
+    # 1..10 ms; numpy linear percentiles: position (n-1)*q = 9q -> p50 = 1 + 4.5 = 5.5, p90 = 1 + 8.1 = 9.1,
+    # p95 = 1 + 8.55 = 9.55, p99 = 1 + 8.91 = 9.91 ; mean 5.5 ; max 10
+    out = latency_summary(np.arange(1, 11))
+    assert out == pytest.approx({"n": 10, "mean": 5.5, "p50": 5.5, "p90": 9.1, "p95": 9.55, "p99": 9.91, "max": 10.0})
+    assert isinstance(out["n"], int) and all(isinstance(v, float) for k, v in out.items() if k != "n")
+    empty = latency_summary([])
+    assert empty["n"] == 0 and all(math.isnan(v) for k, v in empty.items() if k != "n")

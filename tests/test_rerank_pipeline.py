@@ -34,8 +34,11 @@ def test_reranker_dataset_has_graded_balanced_chunks(tiny_lineage):
     assert cands.groupby("query_id").size().max() <= n
     assert chunks.groupby(["query_id", "chunk"]).size().max() <= tiny_lineage["reranker"]["chunk_size"]
     assert set(chunks["query_id"]) <= set(queries["query_id"])
-    # a chunk's slots keep retrieval order, and each instance row really is the query's item group
-    assert chunks.groupby("query_id")["rank"].apply(lambda r: r.is_monotonic_increasing).all()
+    # retrieved slots keep retrieval order; a planted instance (rank -1) is the query's own item
+    retrieved = chunks[chunks["rank"] >= 0]
+    assert retrieved.groupby("query_id")["rank"].apply(lambda r: r.is_monotonic_increasing).all()
+    planted = chunks[chunks["rank"] < 0].merge(queries[["query_id", "item_id"]], on="query_id", suffixes=("", "_q"))
+    assert (planted["level"] == 0).all() and (planted["item_id"] == planted["item_id_q"]).all()
     for f in queries["image"]:
         assert (ds / f).is_file()
     assert (pd.read_parquet(ds / "val_candidates.parquet")["level"] >= 0).all()

@@ -77,22 +77,33 @@ def label(cands: pd.DataFrame, queries: pd.DataFrame, items: pd.DataFrame) -> pd
     return cands.assign(level=level)
 
 
-def training_chunks(cands: pd.DataFrame, m: int, instance_share: float, seed: int) -> pd.DataFrame:
+def training_chunks(cands: pd.DataFrame, m: int, instance_share: float, seed: int,
+                    positives: pd.DataFrame | None = None) -> pd.DataFrame:
     """One chunk of at most m candidates per query, balanced over levels: with probability
-    instance_share the query's instance match (when retrieved) is in the chunk; the other slots
-    are drawn with weights inversely proportional to each level's frequency in the candidate
-    pool, so the rare concept and functional matches are seen. Slots keep retrieval order."""
+    instance_share the chunk holds the query's instance match; when the embedder missed it, the
+    instance's own catalog image (`positives`: query_id, item_id, image_id) goes in at a random
+    slot (rank -1 marks it), so positives are not limited to what retrieval already finds. The
+    other slots are drawn with weights inversely proportional to each level's frequency in the
+    pool, so the rare concept and functional matches are seen. Other slots keep retrieval order."""
     freq = cands["level"].value_counts(normalize=True)
+    pos = positives.set_index("query_id") if positives is not None else None
     out = []
     for qid, g in cands.groupby("query_id", sort=True):
         rng = np.random.default_rng(_seed("rerank-chunk", seed, qid))
         inst = g[g["level"] == 0]
-        keep = inst.head(1) if len(inst) and rng.random() < instance_share else inst.iloc[:0]
+        want_instance = rng.random() < instance_share
+        keep = inst.head(1) if len(inst) and want_instance else inst.iloc[:0]
         rest = g[g["level"] != 0]
-        k = min(m - len(keep), len(rest))
+        planted = want_instance and not len(inst) and pos is not None and qid in pos.index
+        k = min(m - len(keep) - int(planted), len(rest))
         w = 1.0 / rest["level"].map(freq).to_numpy()
         pick = rest.iloc[rng.choice(len(rest), size=k, replace=False, p=w / w.sum())] if k else rest.iloc[:0]
         chunk = pd.concat([keep, pick]).sort_values("rank")
+        if planted:
+            row = pd.DataFrame([{"query_id": qid, "rank": -1, "item_id": pos.loc[qid, "item_id"],
+                                 "image_id": pos.loc[qid, "image_id"], "level": 0}])
+            at = int(rng.integers(len(chunk) + 1))
+            chunk = pd.concat([chunk.iloc[:at], row, chunk.iloc[at:]])
         out.append(chunk.assign(chunk=0, slot=np.arange(len(chunk))))
     cols = ["query_id", "chunk", "slot", "rank", "item_id", "image_id", "level"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
