@@ -64,13 +64,18 @@ def evaluate(embedder, catalog: Catalog, queries: pd.DataFrame, query_root: Path
         return pd.DataFrame(index=pd.Index([], name="group"))
     g, g_emb = gallery_cache or encode_gallery(embedder, catalog, dim)
     ranked = rank_items(encode_queries(embedder, queries, query_root, dim), g, g_emb)
+    return retrieval_report(ranked_levels(ranked, queries, catalog), queries["n_instance"].to_numpy(),
+                            queries["n_concept"].to_numpy(), ks=(1, 5, 10), groups=queries["level"].reset_index(drop=True))
+
+
+def ranked_levels(ranked: np.ndarray, queries: pd.DataFrame, catalog: Catalog) -> np.ndarray:
+    """Relevance level [Q, K] of each ranked item id (None = padding -> irrelevant) for each query."""
     items = catalog.items.set_index("item_id")
     qt = items.loc[queries["item_id"]]
     flat = ranked.ravel()
     known = np.array([x is not None for x in flat])
     d_group = np.where(known, items["group_id"].reindex(flat).to_numpy(), "\0none")
     d_cat = np.where(known, items["category"].reindex(flat).to_numpy(), "\0none")
-    levels = np.stack([relevance([qg], [qc], d_group[i * TOP_K:(i + 1) * TOP_K], d_cat[i * TOP_K:(i + 1) * TOP_K])[0]
-                       for i, (qg, qc) in enumerate(zip(qt["group_id"], qt["category"]))])
-    return retrieval_report(levels, queries["n_instance"].to_numpy(), queries["n_concept"].to_numpy(),
-                            ks=(1, 5, 10), groups=queries["level"].reset_index(drop=True))
+    k = ranked.shape[1]
+    return np.stack([relevance([qg], [qc], d_group[i * k:(i + 1) * k], d_cat[i * k:(i + 1) * k])[0]
+                     for i, (qg, qc) in enumerate(zip(qt["group_id"], qt["category"]))])

@@ -50,6 +50,12 @@ def run_job(profile: str | None, dataset: str | None) -> int:
             e = ev.event_specific_data
             if not e.passed:
                 console.print(f"[yellow]check {e.check_name}: {e.description}[/yellow]")
+    report = {ev.event_specific_data.materialization.asset_key.to_user_string(): ev.event_specific_data.materialization
+              for ev in result.get_asset_materialization_events()}.get("ab_report")
+    if report is not None:
+        md = {k: v.value for k, v in report.metadata.items()}
+        console.print(f"\nA/B report: [bold]{md.get('report')}[/bold]\n"
+                      f"Champion decision: [bold]{md.get('decision')}[/bold] ({md.get('reasons')})")
     console.print("\nOpen the Dagster UI:  [bold]make ui[/bold]         -> http://127.0.0.1:3000 "
                   "(this run is in its Runs tab)\n"
                   "Open the MLflow UI:   [bold]make mlflow-ui[/bold]  -> http://127.0.0.1:5000\n"

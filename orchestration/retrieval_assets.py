@@ -3,15 +3,14 @@ Bodies only call retrieval.stages."""
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue, asset_check
 
 from orchestration.data_assets import stage_asset, validated_catalog
-from orchestration.model_assets import baseline_embedder, embedding_model
+from orchestration.evaluation_assets import embedding_promotion
 from orchestration.resources import PipelineConfig
 from retrieval import stages
 
 GROUP = "retrieval"
 
-# serving.model picks which embedder is served; both are upstream so either choice is fresh
-item_embeddings = stage_asset(stages.item_embeddings, GROUP,
-                              deps=(validated_catalog, embedding_model, baseline_embedder),
+# the served embedder is the champion embedding_promotion decided
+item_embeddings = stage_asset(stages.item_embeddings, GROUP, deps=(validated_catalog, embedding_promotion),
                               kinds=frozenset({"pytorch", "numpy"}))
 ann_index = stage_asset(stages.ann_index, GROUP, deps=(item_embeddings,), kinds=frozenset({"faiss"}))
 

@@ -53,7 +53,9 @@ def cmd_run(args) -> int:
                          args.params)
     summary = run_lineage(params, out)
     _print(summary)
-    print(f"\nwrote {out / 'summary.json'}")
+    d = summary["stages"]["ab_report"]
+    print(f"\nwrote {out / 'summary.json'}, {out / 'metrics.json'} and {out / 'report.html'}")
+    print(f"champion decision: {d['decision']} ({d['reasons']})")
     return 0
 
 
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in STAGES.items():
         common(sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0]))
     common(sub.add_parser("validate", help="run the validation rules on raw_catalog and print them"))
-    run = sub.add_parser("run", help="run the whole lineage on a catalog; writes OUT/summary.json")
+    run = sub.add_parser("run", help="run the whole lineage on a catalog; writes OUT/summary.json, metrics.json, report.html")
     common(run, workdir=False)
     run.add_argument("--out", required=True, help="output directory (its data/ holds every artifact)")
     common(sub.add_parser("demo", help="materialize the Dagster lineage job into the local instance"),

@@ -35,6 +35,7 @@ from retrieval.index import IndexReader, Loaded
 log = logging.getLogger(__name__)
 
 LINEAGE_MODELS = ("embedding_model", "baseline_embedder", "stage1_embedder")
+CHAMPION, PROMOTABLE = "champion", ("embedding_model", "baseline_embedder")
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -187,11 +188,18 @@ def _registry_dir(params: dict, model: str, alias: str | None) -> tuple[Path, st
 
 
 def resolve_model(params: dict, model: str | None = None) -> ModelInfo:
-    """The embedder to serve: `model` (default params serving.model) is a lineage stage name or a
-    local checkpoint directory. For a stage, the registered model's `serving.registry_alias`
+    """The embedder to serve: `model` (default params serving.model) is `champion` (the registered
+    embedder holding that alias, else serving.fallback_model), a lineage stage name or a local
+    checkpoint directory. For a stage, the registered model's `serving.registry_alias`
     (champion) wins when it exists, else data/processed/<stage>/model. item_embeddings and the
     server both resolve through here, so the index is built by the model that embeds queries."""
     model = model or params["serving"]["model"]
+    if model == CHAMPION:   # whichever embedder the promotion gate made champion (evaluation/promotion.py)
+        for stage in PROMOTABLE:
+            found = _registry_dir(params, stage, params["serving"].get("registry_alias") or CHAMPION)
+            if found:
+                return ModelInfo(stage, found[1], str(found[0]), model_fingerprint(found[0]))
+        model = params["serving"]["fallback_model"]   # nothing promoted yet
     if model in LINEAGE_MODELS:
         found = _registry_dir(params, model, params["serving"].get("registry_alias"))
         if found:
@@ -465,10 +473,10 @@ class Searcher:
 
 # ------------------------------------------------------------------------------------------ wiring
 def variant_dirs(params: dict, model: str, variant: str | None = None) -> tuple[Path, Path]:
-    """(item_embeddings dir, ann_index dir) serving `model`: the lineage's for serving.model,
-    else data/processed/ab/<variant>/ (built by `pailitao ab build`)."""
-    paths = Paths.from_params(params)
-    if variant is None or model == params["serving"]["model"]:
+    """(item_embeddings dir, ann_index dir) serving `model`: the lineage's for serving.model (or the
+    champion it resolves to), else data/processed/ab/<variant>/ (built by `pailitao ab build`)."""
+    paths, served = Paths.from_params(params), params["serving"]["model"]
+    if variant is None or model == served or (served == CHAMPION and model == resolve_model(params).name):
         return paths.asset("item_embeddings"), paths.asset("ann_index")
     return paths.processed / "ab" / variant / "item_embeddings", paths.processed / "ab" / variant / "ann_index"
 

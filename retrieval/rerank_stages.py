@@ -116,8 +116,8 @@ def query_doc(row, root: Path) -> tuple:
 
 def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame, gallery: pd.DataFrame,
                  block: int = 16) -> dict:
-    """Rerank every query's candidates (ranker None = the embedder's order). Returns levels [Q, N]
-    in final order, the instance and concept pair scores [Q, N] by retrieval position, level [Q, N]
+    """Rerank every query's candidates (ranker None = the embedder's order). Returns levels and
+    item ids [Q, N] in final order, the instance and concept pair scores [Q, N] by retrieval position, level [Q, N]
     by retrieval position, forward passes and wall seconds."""
     docs = docs_for(cands, gallery)
     by_q = {q: g.sort_values("rank") for q, g in cands.groupby("query_id")}
@@ -125,6 +125,7 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
     Q = len(queries)
     final, lv_pos = np.full((Q, n), 9, dtype=np.int64), np.full((Q, n), 9, dtype=np.int64)
     p_inst, p_conc, p_raw = np.full((Q, n), -np.inf), np.full((Q, n), -np.inf), np.full((Q, n), -np.inf)
+    items = np.full((Q, n), None, dtype=object)
     passes, t0 = 0, time.perf_counter()
     qids = queries["query_id"].tolist()
     row_of = {q: i for i, q in enumerate(qids)}
@@ -140,10 +141,11 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
             i, levels = row_of[q], by_q[q]["level"].to_numpy()
             m = len(levels)
             final[i, :m], lv_pos[i, :m] = levels[r.order], levels
+            items[i, :m] = by_q[q]["item_id"].to_numpy()[r.order]
             p_inst[i, :m], p_conc[i, :m] = r.p_instance, r.concept
             p_raw[i, :m] = r.extra.get("r_raw", r.p_instance)
             passes += r.forward_passes
-    return {"levels": final, "levels_by_rank": lv_pos, "p_instance": p_inst, "p_concept": p_conc, "p_raw": p_raw,
+    return {"levels": final, "items": items, "levels_by_rank": lv_pos, "p_instance": p_inst, "p_concept": p_conc, "p_raw": p_raw,
             "forward_passes": passes, "seconds": time.perf_counter() - t0, "queries": Q}
 
 

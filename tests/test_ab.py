@@ -11,7 +11,7 @@ from scipy.stats import chisquare
 
 from pailitao.cli import main
 from pailitao.config import Paths, deep_merge
-from retrieval.pipeline import variant_dirs
+from retrieval.pipeline import resolve_model, variant_dirs
 from serving.ab import EventLog, UnknownImpression, Variant, assign, bucket, variants_from_params
 from serving.app import create_app
 
@@ -75,8 +75,10 @@ def test_each_variant_is_served_by_its_own_model_and_index(tiny_ab, tmp_path):
         health = client.get("/healthz").json()
         assert health["ab"] and set(health["variants"]) == {"control", "treatment"}
         dirs = {name: v["index_dir"] for name, v in health["variants"].items()}
-        assert dirs["control"] == str(variant_dirs(tiny_ab, "baseline_embedder", "control")[1])
-        assert dirs["treatment"] == str(Paths.from_params(tiny_ab).asset("ann_index"))
+        served = resolve_model(tiny_ab).name   # the champion uses the lineage's index, the other arm its own
+        for name, model in (("control", "baseline_embedder"), ("treatment", "embedding_model")):
+            assert dirs[name] == str(variant_dirs(tiny_ab, model, name)[1])
+            assert (dirs[name] == str(Paths.from_params(tiny_ab).asset("ann_index"))) == (model == served)
         assert health["variants"]["control"]["model_fingerprint"] != health["variants"]["treatment"]["model_fingerprint"]
         users = [f"user-{i}" for i in range(16)]
         got = {}

@@ -15,7 +15,8 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets",
                                       "stage1_embedder", "semantic_prototypes", "embedding_model",
                                       "baseline_embedder", "item_embeddings", "ann_index",
-                                      "reranker_dataset", "reranker_model", "reranker_pointwise"}
+                                      "reranker_dataset", "reranker_model", "reranker_pointwise",
+                                      "embedding_promotion", "ab_report"}
     for arm in ("embedding_model", "baseline_embedder"):  # both models trained, metrics in the summary
         assert "val_all_I_HR_at_1" in summary["stages"][arm]
     assert summary["stages"]["raw_catalog"]["source"] == "manifest"
@@ -23,6 +24,12 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     assert all(len(s["mlflow_run_id"]) == 32 for s in summary["stages"].values())
     q = pd.read_parquet(out / "data/processed/query_sets/queries.parquet")
     assert len(q) and (out / "data/processed/query_sets" / q["image"].iloc[0]).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())   # every metric per variant and level, with CIs
+    i_hr = metrics["embedding"]["treatment"]["metrics"]["I-HR@1"]
+    assert {"all", "clean", "mild", "hard"} <= set(i_hr) and {"value", "ci_low", "ci_high"} <= set(i_hr["all"])
+    assert set(metrics["reranking"]) == {"none", "point", "list"} and metrics["decision"]["alias"] in ("champion", "challenger")
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Gallery" in html
 
 
 def test_manifest_queries_are_used_as_given(tmp_path, mlflow_uri):

@@ -32,7 +32,7 @@ def test_dvc_repro_runs_the_lineage_on_the_tiny_profile(tmp_path):
     _run([sys.executable, "-m", "dvc", "repro"], repo, env)
     for stage in ("raw_catalog", "validated_catalog", "splits", "query_sets", "stage1_embedder",
                   "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index",
-                  "reranker_dataset", "reranker_model", "reranker_pointwise"):
+                  "reranker_dataset", "reranker_model", "reranker_pointwise", "embedding_promotion", "ab_report"):
         assert (repo / "data/processed" / stage / "meta.json").is_file(), stage
     assert (repo / "dvc.lock").is_file()
     status = _run([sys.executable, "-m", "dvc", "status"], repo, env)

@@ -41,8 +41,9 @@ def test_item_embeddings_and_index_cover_the_catalog(tiny_lineage, catalog):
     assert emb.shape == (len(g), tiny_lineage["model"]["served_dim"]) and meta["n"] == len(g)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     assert list(items["image_id"]) == list(g["image_id"])
-    assert meta["model"] == "embedding_model"
-    assert meta["model_version"] == pl.model_fingerprint(paths.asset("embedding_model") / "model")
+    served = pl.resolve_model(tiny_lineage)   # the champion the promotion gate chose
+    assert meta["model"] == served.name in ("embedding_model", "baseline_embedder")
+    assert meta["model_version"] == served.fingerprint == pl.model_fingerprint(paths.asset(served.name) / "model")
     assert (emb_dir.parent / items["image"].iloc[0]).is_file()   # paths resolve from the parent
     current = ix.load_current(paths.asset("ann_index"))
     assert current.meta["model_version"] == meta["model_version"] and current.index.ntotal == len(g)
@@ -137,14 +138,16 @@ def test_an_index_built_by_another_model_is_refused(tiny_lineage, searcher):
 def test_champion_alias_in_the_registry_wins(tiny_lineage):
     client = mlflow.MlflowClient(tiny_lineage["mlflow"]["tracking_uri"])
     name = EMBEDDER_NAMES["baseline_embedder"]
-    local = pl.resolve_model(tiny_lineage, "baseline_embedder")
+    local = pl.resolve_model(deep_merge(tiny_lineage, {"serving": {"registry_alias": None}}), "baseline_embedder")
     assert local.source.endswith("baseline_embedder/model")
     version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = client.get_model_version(name, str(version)).aliases   # the gate may have set it already
     client.set_registered_model_alias(name, "champion", version)
     try:
         info = pl.resolve_model(tiny_lineage, "baseline_embedder")
     finally:
-        client.delete_registered_model_alias(name, "champion")
+        if "champion" not in aliases:
+            client.delete_registered_model_alias(name, "champion")
     assert info.source == f"models:/{name}@champion (version {version})"
     assert ".registry" in info.path and info.fingerprint == local.fingerprint   # the same checkpoint
 
