@@ -28,7 +28,7 @@ import torch
 from evaluation.calibration import expected_calibration_error
 from pailitao.config import Paths, deep_merge, load_params
 from retrieval import rerank_stages as rs
-from retrieval.rerank import ChunkwiseReranker, PointwiseReranker, load_reranker
+from retrieval.rerank import load_reranker
 
 COLS = ["I-HR@1", "I-HR@5", "I-HR@10", "C-HR@1", "C-HR@5", "C-HR@10"]
 VARIANTS = {   # name -> (mode, reranker overrides)
@@ -36,6 +36,7 @@ VARIANTS = {   # name -> (mode, reranker overrides)
     "null": ("list", {"absolute": False}),
     "full": ("list", {}),
     "pointwise": ("point", {}),
+    "full_interact": ("list", {"scorer_input": "interact"}),   # not the paper's: matching features
 }
 
 
@@ -100,6 +101,8 @@ def quality(params, args, out_root) -> list[dict]:
     _, val_thr = rs.prf(rs.run_reranker(None, val_q, root, val_c, gallery))
     add("embedding order (ID embedder)", None, val_thr)
     for name, (mode, over) in VARIANTS.items():
+        if args.variants and name not in args.variants:
+            continue
         out = out_root / name
         vparams = deep_merge(params, {"reranker": over})
         if not (args.reuse and (out / "model").is_dir()):
@@ -118,6 +121,9 @@ def quality(params, args, out_root) -> list[dict]:
         elif name == "null":
             ranker.merge_how = "s_minus_null"
             add("+ NULL loss (sort by s - s_null)", ranker, thr)
+        elif name == "full_interact":
+            ranker.merge_how = "hybrid"
+            add("+ hybrid merge, scorer with |z0 - zi|, z0 * zi (not the paper's)", ranker, thr)
         else:
             for assign in ("contiguous", "round_robin"):
                 ranker.assign = assign
@@ -174,6 +180,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=40, help="queries timed for efficiency")
     ap.add_argument("--reuse", action="store_true", help="keep already trained variants")
     ap.add_argument("--efficiency-only", action="store_true")
+    ap.add_argument("--variants", nargs="*", help=f"train / evaluate only these of {list(VARIANTS)}")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
@@ -188,10 +195,12 @@ def main() -> None:
     if not args.efficiency_only:
         result["quality"] = quality(params, args, out_root)
         print("\n" + pd.DataFrame(result["quality"]).to_markdown(index=False, floatfmt=".2f"))
-    result["efficiency"] = efficiency(params, args, out_root)
-    print("\n" + pd.DataFrame(result["efficiency"]).to_markdown(index=False, floatfmt=".2f"))
+    if not args.variants:
+        result["efficiency"] = efficiency(params, args, out_root)
+        print("\n" + pd.DataFrame(result["efficiency"]).to_markdown(index=False, floatfmt=".2f"))
     os.makedirs(args.out, exist_ok=True)
-    name = "reranker_efficiency.json" if args.efficiency_only else "reranker.json"
+    name = "reranker_efficiency.json" if args.efficiency_only else \
+        f"reranker{'-' + '-'.join(args.variants) if args.variants else ''}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2, default=float)
 

@@ -1,7 +1,7 @@
 """POST /search end to end under a bounded load: p50 / p99 per pipeline stage and QPS.
 
     .venv/bin/python benchmarks/bench_search.py [--profile demo] [--clients 1,2,4] [--requests 300]
-                                                [--synthetic 1000000] [--skip-demo]
+                                                [--synthetic 1000000] [--skip-demo] [--rerank none|point|list]
 
 Scenarios, each a server process (uvicorn, 127.0.0.1) driven by N concurrent httpx clients (each
 N of `--clients`, one run each) sending a fixed number of requests (test-split query photos of the profile's query_sets,
@@ -12,8 +12,9 @@ with their text when they have one; `--warmup` requests first, not counted):
                  retrieval.index.clustered_embeddings at the served dim (auto kind: IVF-PQ + SQ8 at
                  1M) with synthetic item metadata. Its results are meaningless; its latency is not.
 Stage latencies are the server's own (the response's latency_ms); `client` is the round trip.
-serving.candidates (50) ANN candidates pass through the reranker hook (identity until the
-reranker lands). Writes benchmarks/results/search.json and prints a markdown table.
+serving.candidates (50) ANN candidates go through `--rerank` (none: the embedding order; list: the
+chunkwise reranker_model, all 5 chunks of a query in one batch; point: reranker_pointwise).
+Writes benchmarks/results/search.json and prints a markdown table.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def serve(args) -> None:
     from retrieval.pipeline import build_searcher
     from serving.app import create_app
 
-    params = load_params(args.profile, {"serving": {"concurrency": args.concurrency, "queue": 64, "timeout_s": 30},
-                                        "ab": {"event_log": None}})
+    params = load_params(args.profile, {"serving": {"concurrency": args.concurrency, "queue": 64, "timeout_s": 30,
+                                                    "rerank": args.rerank},
+                                        "ab": {"event_log": None}, **({"workdir": args.workdir} if args.workdir else {})})
     if args.index:  # a synthetic index was not built by this model: skip the model/index guard
         params = deep_merge(params, {"serving": {"require_model_match": False}})
     searcher = build_searcher(params, embeddings_dir=args.embeddings, index_dir=args.index)
@@ -98,7 +100,9 @@ def start_server(args, port: int, index: Path | None = None, embeddings: Path | 
     import httpx
 
     cmd = [sys.executable, __file__, "--serve", "--profile", args.profile, "--port", str(port),
-           "--concurrency", str(args.concurrency)]
+           "--concurrency", str(args.concurrency), "--rerank", args.rerank]
+    if args.workdir:
+        cmd += ["--workdir", args.workdir]
     if index:
         cmd += ["--index", str(index), "--embeddings", str(embeddings)]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True)
@@ -174,6 +178,9 @@ def main() -> None:
     ap.add_argument("--synthetic", type=int, default=1_000_000, help="items of the synthetic index (0 = skip)")
     ap.add_argument("--skip-demo", action="store_true")
     ap.add_argument("--out", default=str(REPO / "benchmarks/results/search.json"))
+    ap.add_argument("--rerank", default="none", choices=("none", "point", "list"),
+                    help="serving.rerank of the server (list / point need the lineage's reranker assets)")
+    ap.add_argument("--workdir", help="the lineage's workdir (default params.yaml's)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--index", help=argparse.SUPPRESS)
@@ -184,7 +191,7 @@ def main() -> None:
 
     from pailitao.config import Paths, load_params
     from retrieval import index as ix
-    params = load_params(args.profile)
+    params = load_params(args.profile, {"workdir": args.workdir} if args.workdir else None)
     qs = queries(params, 500)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
@@ -213,7 +220,7 @@ def main() -> None:
               "cpus": os.cpu_count(), "profile": args.profile, "preset": params["model"]["preset"],
               "served_dim": params["model"]["served_dim"], "candidates": params["serving"]["candidates"],
               "concurrency": args.concurrency, "torch_threads": params["serving"]["torch_threads"],
-              "reranker": "identity hook", "results": results, "markdown": md}
+              "rerank": args.rerank, "results": results, "markdown": md}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -219,14 +219,9 @@ def _rerank_arms(params: dict, cfg: dict) -> dict:
         arms[kind] = (rs.build_reranker(params, kind), json.loads((d / rs.THRESHOLD_FILE).read_text()))
     out = {}
     for name, (ranker, thr) in arms.items():
-        ms, runs = [], []
-        for i in range(len(test)):   # one query at a time, as served
-            t0 = time.perf_counter()
-            runs.append(rs.run_reranker(ranker, test.iloc[[i]], root, cands, gallery))
-            ms.append((time.perf_counter() - t0) * 1e3)
-        run = {k: np.concatenate([r[k] for r in runs]) for k in ("levels", "items", "levels_by_rank", "p_instance", "p_concept", "p_raw")}
-        run["forward_passes"] = sum(r["forward_passes"] for r in runs)
-        out[name] = _arm_record(run, test, np.array(ms), thr, cfg)
+        run = rs.run_reranker(ranker, test, root, cands, gallery, block=1)   # one query at a time, as served
+        ms = run["ms"] if ranker is not None else np.zeros(len(test))
+        out[name] = _arm_record(run, test, ms, thr, cfg)
         out[name]["passes_per_query"] = run["forward_passes"] / max(len(test), 1)
     out["_test"], out["_cands"], out["_gallery"] = test, cands, gallery
     return out

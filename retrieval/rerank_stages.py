@@ -126,7 +126,7 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
     final, lv_pos = np.full((Q, n), 9, dtype=np.int64), np.full((Q, n), 9, dtype=np.int64)
     p_inst, p_conc, p_raw = np.full((Q, n), -np.inf), np.full((Q, n), -np.inf), np.full((Q, n), -np.inf)
     items = np.full((Q, n), None, dtype=object)
-    passes, t0 = 0, time.perf_counter()
+    passes, t0, ms = 0, time.perf_counter(), []
     qids = queries["query_id"].tolist()
     row_of = {q: i for i, q in enumerate(qids)}
     for s in range(0, Q, block):
@@ -136,7 +136,10 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
                              by_q[q]["score"].to_numpy(), 0) for q in part]
         else:
             rows = queries.set_index("query_id").loc[part]
-            ranked = ranker.rank_many([query_doc(r, root) for _, r in rows.iterrows()], [docs[q] for q in part])
+            args = ([query_doc(r, root) for _, r in rows.iterrows()], [docs[q] for q in part])
+            t_block = time.perf_counter()
+            ranked = ranker.rank_many(*args)
+            ms.append((time.perf_counter() - t_block) * 1e3 / max(len(part), 1))   # per query (block=1: as served)
         for q, r in zip(part, ranked):
             i, levels = row_of[q], by_q[q]["level"].to_numpy()
             m = len(levels)
@@ -146,7 +149,7 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
             p_raw[i, :m] = r.extra.get("r_raw", r.p_instance)
             passes += r.forward_passes
     return {"levels": final, "items": items, "levels_by_rank": lv_pos, "p_instance": p_inst, "p_concept": p_conc, "p_raw": p_raw,
-            "forward_passes": passes, "seconds": time.perf_counter() - t0, "queries": Q}
+            "forward_passes": passes, "seconds": time.perf_counter() - t0, "queries": Q, "ms": np.array(ms)}
 
 
 def prf(run: dict, thresholds: dict | None = None) -> tuple[dict, dict]:
@@ -187,8 +190,8 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     info = resolve_model(params)
     chunks, queries = pd.read_parquet(ds / "chunks.parquet"), pd.read_parquet(ds / "queries.parquet")
     L.seed_everything(params["seed"], workers=True)
-    model = MLLMReranker.from_embedder(info.path, mode=mode, absolute=cfg["absolute"],
-                                       scorer_hidden=cfg["scorer_hidden"], query_crop=cfg["query_crop"])
+    model = MLLMReranker.from_embedder(info.path, mode=mode, absolute=cfg["absolute"], scorer_hidden=cfg["scorer_hidden"],
+                                       query_crop=cfg["query_crop"], scorer_input=cfg["scorer_input"])
     data = rd.RerankSet(chunks, queries, ds, dict(zip(gallery["image_id"], gallery["image"])),
                         dict(zip(gallery["item_id"], gallery["title"])), mode)
     bs = cfg["batch_size"] if mode == LIST else cfg["point_batch_size"]

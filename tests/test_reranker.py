@@ -96,6 +96,11 @@ def test_pooling_spans_cover_each_image_only(embedder_dir):
         assert bool((ids[seg == s] == model.image_token_id).all())
     text_only = seg == 4   # no image: the candidate's title tokens
     assert text_only.any() and not bool((ids[text_only] == model.image_token_id).any())
+    interact = MLLMReranker.from_embedder(embedder_dir, mode=LIST, scorer_hidden=16, scorer_input="interact")
+    assert interact.scorer[0].in_features == 4 * model.scorer[0].in_features // 2
+    assert interact(batch).level_logits.shape == (1, 4, 4)
+    with pytest.raises(ValueError, match="scorer_input"):
+        MLLMReranker.from_embedder(embedder_dir, mode=LIST, scorer_input="bilinear")
 
 
 def _ref_pairwise(s, lv, tau):

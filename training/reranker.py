@@ -42,6 +42,9 @@ N_LEVELS = 4
 SETTINGS_FILE = "reranker.json"
 SCORER_FILE = "scorer.pt"
 CALIBRATION_FILE = "calibration.json"
+# the absolute scorer's input: the paper's [z0 || zi], or with the matching features |z0 - zi| and
+# z0 * zi (InferSent-style) that a small MLP cannot easily form from the concatenation alone
+SCORER_INPUTS = {"concat": 2, "interact": 4}
 LM_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
 
 Doc = tuple  # (PIL image or None, text or None, cache key or None)
@@ -76,7 +79,8 @@ def center_crop(im: Image.Image, share: float = 0.6) -> Image.Image:
 class MLLMReranker(nn.Module):
     def __init__(self, lm: nn.Module, tokenizer, image_processor, family: str = "qwen2_vl",
                  mode: str = LIST, absolute: bool = True, max_text_tokens: int = 24,
-                 scorer_hidden: int = 256, query_crop: bool = True, cache_images: int = 0):
+                 scorer_hidden: int = 256, query_crop: bool = True, cache_images: int = 0,
+                 scorer_input: str = "concat"):
         super().__init__()
         if mode not in (POINT, LIST):
             raise ValueError(f"unknown reranker mode {mode!r}: use {POINT!r} or {LIST!r}")
@@ -86,7 +90,10 @@ class MLLMReranker(nn.Module):
         self.max_text_tokens, self.query_crop = int(max_text_tokens), bool(query_crop)
         dim = int(lm.config.get_text_config().hidden_size)
         self.scorer_hidden = int(scorer_hidden)
-        self.scorer = nn.Sequential(nn.Linear(2 * dim, self.scorer_hidden), nn.GELU(),
+        if scorer_input not in SCORER_INPUTS:
+            raise ValueError(f"unknown scorer_input {scorer_input!r}: use one of {SCORER_INPUTS}")
+        self.scorer_input = scorer_input
+        self.scorer = nn.Sequential(nn.Linear(SCORER_INPUTS[scorer_input] * dim, self.scorer_hidden), nn.GELU(),
                                     nn.Linear(self.scorer_hidden, N_LEVELS)) if self.absolute else None
         conv = tokenizer.convert_tokens_to_ids
         missing = [t for t in ANSWER_TOKENS + [IM_START, IM_END] if t not in tokenizer.get_vocab()]
@@ -114,7 +121,8 @@ class MLLMReranker(nn.Module):
     # ----------------------------------------------------------------------------- construction
     @classmethod
     def from_embedder(cls, path, mode: str = LIST, absolute: bool = True, scorer_hidden: int = 256,
-                      query_crop: bool = True, max_text_tokens: int | None = None) -> "MLLMReranker":
+                      query_crop: bool = True, max_text_tokens: int | None = None,
+                      scorer_input: str = "concat") -> "MLLMReranker":
         """A new reranker whose backbone starts from an embedder checkpoint directory."""
         import transformers
 
@@ -132,12 +140,12 @@ class MLLMReranker(nn.Module):
             lm.lm_head.weight.copy_(w)                   # the embedder has no LM head: start tied
         return cls(lm, tok, emb.image_processor, family=emb.family.name, mode=mode, absolute=absolute,
                    max_text_tokens=max_text_tokens or emb.max_text_tokens, scorer_hidden=scorer_hidden,
-                   query_crop=query_crop)
+                   query_crop=query_crop, scorer_input=scorer_input)
 
     def settings(self) -> dict:
         return dict(version=1, family=self.family.name, mode=self.mode, absolute=self.absolute,
                     max_text_tokens=self.max_text_tokens, scorer_hidden=self.scorer_hidden,
-                    query_crop=self.query_crop)
+                    query_crop=self.query_crop, scorer_input=self.scorer_input)
 
     def save_pretrained(self, path) -> None:
         """LM (transformers form), tokenizer, image processor, scorer weights and reranker.json,
@@ -169,7 +177,8 @@ class MLLMReranker(nn.Module):
         ip = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
         model = cls(lm, tok, ip, family=st["family"], mode=st["mode"], absolute=st["absolute"],
                     max_text_tokens=st["max_text_tokens"], scorer_hidden=st["scorer_hidden"],
-                    query_crop=st.get("query_crop", True), cache_images=cache_images)
+                    query_crop=st.get("query_crop", True), cache_images=cache_images,
+                    scorer_input=st.get("scorer_input", "concat"))
         if model.scorer is not None:
             model.scorer.load_state_dict(torch.load(path / SCORER_FILE, map_location="cpu", weights_only=True))
         return model.eval()
@@ -313,7 +322,9 @@ class MLLMReranker(nn.Module):
             # mean-pool each segment's image tokens: one-hot [B, L, 1 + m] over segments 0..m
             onehot = F.one_hot(batch["pool_seg"].to(dev) + 1, m + 2)[..., 1:].to(hidden.dtype)
             z = torch.einsum("bls,bld->bsd", onehot, hidden) / onehot.sum(1).clamp_min(1)[..., None]
-            pair = torch.cat([z[:, :1].expand(-1, m, -1), z[:, 1:]], -1)
+            z0, zi = z[:, :1].expand(-1, m, -1), z[:, 1:]
+            parts = [z0, zi] + ([(z0 - zi).abs(), z0 * zi] if self.scorer_input == "interact" else [])
+            pair = torch.cat(parts, -1)
             out.level_logits = self.scorer(pair.to(self.scorer[0].weight.dtype)).float()
         return out
 
