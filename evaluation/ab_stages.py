@@ -73,26 +73,36 @@ def _gallery_embeddings(params: dict, embedder, path: Path, catalog: Catalog) ->
     return g, emb
 
 
-def embed_arm(params: dict, stage: str, catalog: Catalog, queries: pd.DataFrame, root: Path,
-              n: int) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
-    """(candidates with levels, per-query latency ms of embed + exact search, gallery) for one
-    embedder, queries embedded one at a time as the service does."""
+def embed_arms(params: dict, catalog: Catalog, queries: pd.DataFrame, root: Path, n: int,
+               arms: dict[str, tuple]) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    """Per arm: (candidates with levels, per-query latency ms of embed + exact search). Queries are
+    embedded one at a time as the service does, the arms interleaved query by query (alternating
+    which goes first) so a busy machine slows both alike and the latency gate compares like with like.
+    arms: name -> (embedder, gallery, gallery embeddings, faiss index) from _load_arm."""
+    dim = params["model"]["served_dim"]
+    embs, ms = {a: [] for a in arms}, {a: [] for a in arms}
+    for i, (_, row) in enumerate(queries.iterrows()):
+        doc = rs.query_doc(row, root)
+        image = Image.open(doc[0]).convert("RGB") if doc[0] else None
+        for a in (list(arms) if i % 2 == 0 else list(arms)[::-1]):
+            embedder, g, _, index = arms[a]
+            t0 = time.perf_counter()
+            e = embedder.encode([image], [doc[1]], batch_size=1, dim=dim)
+            index.search(e, min(len(g), 3 * n))
+            ms[a].append((time.perf_counter() - t0) * 1e3)
+            embs[a].append(e[0])
+    return {a: (rd.label(rd.retrieve(np.stack(embs[a]), g, g_emb, queries["query_id"], n), queries, catalog.items),
+                np.array(ms[a])) for a, (_, g, g_emb, _) in arms.items()}
+
+
+def _load_arm(params: dict, stage: str, catalog: Catalog) -> tuple:
     path = Paths.from_params(params).asset(stage) / "model"
     embedder = MLLMEmbedder.from_pretrained(path)
     g, g_emb = _gallery_embeddings(params, embedder, path, catalog)
     index = faiss.IndexFlatIP(g_emb.shape[1])
     index.add(g_emb)
-    dim, embs, ms = params["model"]["served_dim"], [], []
-    embedder.encode([Image.new("RGB", (64, 64), "white")], ["warm up"], dim=dim)   # first pass allocates
-    for _, row in queries.iterrows():
-        doc = rs.query_doc(row, root)
-        t0 = time.perf_counter()
-        e = embedder.encode([Image.open(doc[0]).convert("RGB") if doc[0] else None], [doc[1]], batch_size=1, dim=dim)
-        index.search(e, min(len(g), 3 * n))
-        ms.append((time.perf_counter() - t0) * 1e3)
-        embs.append(e[0])
-    cands = rd.label(rd.retrieve(np.stack(embs), g, g_emb, queries["query_id"], n), queries, catalog.items)
-    return cands, np.array(ms), g
+    embedder.encode([Image.new("RGB", (64, 64), "white")], ["warm up"], dim=params["model"]["served_dim"])  # first pass allocates
+    return embedder, g, g_emb, index
 
 
 def _per_query(run: dict, queries: pd.DataFrame) -> pd.DataFrame:
@@ -134,11 +144,12 @@ def embedding_promotion(params: dict, dagster_run_id: str | None = None) -> Stag
     catalog = Catalog.load(paths.asset("validated_catalog"))
     root = paths.asset("query_sets")
     test, val = _queries(params, "test", cfg["queries_per_level"]), _queries(params, "val", cfg["queries_per_level"])
+    loaded = {arm: _load_arm(params, stage, catalog) for arm, stage in ARMS.items()}
+    on_val, on_test = embed_arms(params, catalog, val, root, n, loaded), embed_arms(params, catalog, test, root, n, loaded)
     arms = {}
-    for arm, stage in ARMS.items():
-        v_cands, _, g = embed_arm(params, stage, catalog, val, root, n)
-        _, thresholds = rs.prf(rs.run_reranker(None, val, root, v_cands, g))   # P/R/F1 thresholds on val
-        cands, ms, g = embed_arm(params, stage, catalog, test, root, n)
+    for arm, (_, g, _, _) in loaded.items():
+        _, thresholds = rs.prf(rs.run_reranker(None, val, root, on_val[arm][0], g))   # P/R/F1 thresholds on val
+        cands, ms = on_test[arm]
         arms[arm] = _arm_record(rs.run_reranker(None, test, root, cands, g), test, ms, thresholds, cfg)
         arms[arm]["candidates"] = cands
     comp = _comparison(arms["control"], arms["treatment"], cfg)
