@@ -64,7 +64,7 @@ def test_set(params: dict, per_level: int) -> tuple[pd.DataFrame, pd.DataFrame, 
 
     paths = Paths.from_params(params)
     catalog = Catalog.load(paths.asset("validated_catalog"))
-    _, gallery, g_emb, _ = rs._gallery(params)
+    _, gallery, g_emb, _ = rs.served_gallery(params)
     qs = pd.read_parquet(paths.asset("query_sets") / "queries.parquet")
     q = qs[qs["split"] == "test"].groupby("level", group_keys=False).head(per_level).reset_index(drop=True)
     emb = encode_queries(load_embedder(resolve_model(params)), q, paths.asset("query_sets"), params["model"]["served_dim"])

@@ -20,11 +20,13 @@ GIVEN = "given"
 N_BACKGROUNDS = 3  # other catalog images a query may be pasted among (clutter)
 
 
-def _seed(*parts) -> int:
+def noise_seed(*parts) -> int:
     return int(unit_hash(*parts) * 2**31)
 
 
-def _render(task: dict) -> str:
+def render_query(task: dict) -> str:
+    """One noisy query image: task = src, backgrounds (files), level, cfg (noise params), seed,
+    dst, format, quality. Written to a temp name, then renamed."""
     img = Image.open(task["src"]).convert("RGB")
     bgs = [Image.open(p).convert("RGB") for p in task["backgrounds"]]
     out = noise_image(img, task["level"], task["cfg"], task["seed"], backgrounds=bgs)
@@ -54,7 +56,7 @@ def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[
                 src = pool.iloc[int(unit_hash("img", seed, group, k) * len(pool))]
                 for level in qcfg["levels"]:
                     qid = f"{split}-{level}-{len(rows):06d}"
-                    s = _seed("noise", seed, group, k, level)
+                    s = noise_seed("noise", seed, group, k, level)
                     rng = np.random.default_rng(s)
                     bgs = ([train_catalog[i] for i in rng.choice(len(train_catalog), N_BACKGROUNDS)]
                            if train_catalog else [])
@@ -68,6 +70,17 @@ def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[
                                   "cfg": params["noise"][level], "seed": s, "dst": rel,
                                   "format": qcfg["image_format"], "quality": qcfg["image_quality"]})
     return pd.DataFrame(rows), tasks
+
+
+def render_queries(tasks: list[dict], out_dir: Path, workers: int = 1) -> None:
+    """Render tasks (dst relative to out_dir) with a progress bar, in worker processes when many."""
+    tasks = [{**t, "dst": str(Path(out_dir) / t["dst"])} for t in tasks]
+    bar = dict(total=len(tasks), desc="query images", unit="img", mininterval=2.0, disable=None)
+    if workers <= 1 or len(tasks) < 64:
+        list(tqdm(map(render_query, tasks), **bar))
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            list(tqdm(pool.map(render_query, tasks, chunksize=16), **bar))
 
 
 def given_queries(catalog: Catalog, splits: pd.DataFrame) -> pd.DataFrame:
@@ -90,14 +103,7 @@ def build_query_sets(catalog: Catalog, splits: pd.DataFrame, params: dict, out_d
                 dst.hardlink_to(catalog.image_file(rel))
     else:
         queries, tasks = plan_queries(catalog, splits, params)
-        for t in tasks:
-            t["dst"] = str(out_dir / t["dst"])
-        bar = dict(total=len(tasks), desc="query images", unit="img", mininterval=2.0, disable=None)
-        if workers <= 1 or len(tasks) < 64:
-            list(tqdm(map(_render, tasks), **bar))
-        else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                list(tqdm(pool.map(_render, tasks, chunksize=16), **bar))
+        render_queries(tasks, out_dir, workers)
     rel = qrels(queries, catalog.items)
     counts = rel.groupby(["query_id", "level"]).size().unstack(fill_value=0)
     queries = queries.merge(counts.rename(columns={0: "n_instance", 1: "n_concept"}),

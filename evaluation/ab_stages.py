@@ -26,7 +26,7 @@ from evaluation.calibration import expected_calibration_error
 from evaluation.compare import bootstrap_mean_ci, compare, proportion_ci, two_proportion_test
 from evaluation.metrics import latency_summary, per_query_metrics
 from evaluation.report import GalleryQuery, ReportData, render_report
-from evaluation.retrieval import encode_gallery, encode_queries
+from evaluation.retrieval import cached_gallery, encode_queries
 from pailitao.config import Paths
 from pailitao.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, _finish
@@ -57,22 +57,6 @@ def _queries(params: dict, split: str, per_level: int) -> pd.DataFrame:
     return sel.groupby("level", group_keys=False).head(per_level).reset_index(drop=True)
 
 
-def _gallery_embeddings(params: dict, embedder, path: Path, catalog: Catalog) -> tuple[pd.DataFrame, np.ndarray]:
-    """The catalog gallery embedded by this checkpoint, cached by its fingerprint (both stages
-    and reruns reuse it; a retrained model has a new fingerprint)."""
-    dim = params["model"]["served_dim"]
-    cache = Paths.from_params(params).processed / ".cache" / f"gallery-{model_fingerprint(path)}-{dim}-{catalog.meta['fingerprint']}"
-    if (cache / "emb.npy").is_file():
-        return pd.read_parquet(cache / "gallery.parquet"), np.load(cache / "emb.npy")
-    g, emb = encode_gallery(embedder, catalog, dim)
-    g = g.assign(image=[str(catalog.image_file(p)) for p in g["path"]])
-    with atomic_path(cache) as tmp:
-        tmp.mkdir(parents=True)
-        g.to_parquet(tmp / "gallery.parquet", index=False)
-        np.save(tmp / "emb.npy", emb)
-    return g, emb
-
-
 def embed_arms(params: dict, catalog: Catalog, queries: pd.DataFrame, root: Path, n: int,
                arms: dict[str, tuple]) -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
     """Per arm: (candidates with levels, per-query latency ms of embed + exact search). Queries are
@@ -98,7 +82,8 @@ def embed_arms(params: dict, catalog: Catalog, queries: pd.DataFrame, root: Path
 def _load_arm(params: dict, stage: str, catalog: Catalog) -> tuple:
     path = Paths.from_params(params).asset(stage) / "model"
     embedder = MLLMEmbedder.from_pretrained(path)
-    g, g_emb = _gallery_embeddings(params, embedder, path, catalog)
+    g, g_emb = cached_gallery(Paths.from_params(params).gallery_cache, model_fingerprint(path), lambda: embedder,
+                              catalog, params["model"]["served_dim"])
     index = faiss.IndexFlatIP(g_emb.shape[1])
     index.add(g_emb)
     embedder.encode([Image.new("RGB", (64, 64), "white")], ["warm up"], dim=params["model"]["served_dim"])  # first pass allocates
@@ -216,7 +201,7 @@ def _rerank_arms(params: dict, cfg: dict) -> dict:
     paths = Paths.from_params(params)
     root = paths.asset("query_sets")
     catalog = Catalog.load(paths.asset("validated_catalog"))
-    _, gallery, g_emb, meta = rs._gallery(params)
+    _, gallery, g_emb, meta = rs.served_gallery(params)
     test = _queries(params, "test", cfg["rerank_queries_per_level"])
     q_emb = encode_queries(load_embedder(resolve_model(params)), test, root, params["model"]["served_dim"])
     cands = rd.label(rd.retrieve(q_emb, gallery, g_emb, test["query_id"], params["serving"]["candidates"]),

@@ -20,6 +20,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image, ImageOps
 
+from evaluation.calibration import expected_calibration_error, reliability
+
 THUMB_PX = 96
 NOISE_ORDER = ("clean", "mild", "hard")
 PERCENTILES = (50, 95, 99)
@@ -152,25 +154,12 @@ def plot_latency(latency: dict[str, np.ndarray]) -> Figure:
     return fig
 
 
-def reliability(prob, label, bins: int = CALIB_BINS):
-    """Equal-width bins -> (mean predicted, fraction positive, count) per non-empty bin, and ECE."""
-    p = np.clip(np.asarray(prob, dtype=float).ravel(), 0.0, 1.0)
-    y = np.asarray(label, dtype=float).ravel()
-    idx = np.minimum((p * bins).astype(int), bins - 1)
-    n = np.bincount(idx, minlength=bins)
-    conf = np.bincount(idx, weights=p, minlength=bins)
-    pos = np.bincount(idx, weights=y, minlength=bins)
-    m = n > 0
-    conf, acc, n = conf[m] / n[m], pos[m] / n[m], n[m]
-    return conf, acc, n, float(np.sum(n / n.sum() * np.abs(acc - conf)))
-
-
 def plot_calibration(calib: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     fig, ax = _fig(4.6, 4.2)
     ax.plot([0, 1], [0, 1], ls="--", color="grey", label="perfect")
     for name, (p, y) in calib.items():
-        conf, acc, _, ece = reliability(p, y)
-        ax.plot(conf, acc, marker="o", label=f"{name} (ECE={ece:.3f})")
+        rel, ece = reliability(p, y, CALIB_BINS), expected_calibration_error(p, y, CALIB_BINS)
+        ax.plot(rel["mean_prob"], rel["frac_pos"], marker="o", label=f"{name} (ECE={ece:.3f})")
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted probability", ylabel="observed frequency")
     ax.grid(alpha=.3)
     ax.legend(fontsize=8)

@@ -37,6 +37,26 @@ def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -
     return g, out
 
 
+def cached_gallery(cache_root: Path, model_fp: str, load_embedder, catalog: Catalog, dim: int,
+                   batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
+    """encode_gallery, cached under cache_root by (checkpoint fingerprint, dim, catalog fingerprint):
+    the promotion gate, item_embeddings and reruns share one pass over the catalog; a retrained
+    model or a new catalog version misses. load_embedder() is called only on a miss. The gallery
+    gains `image`, the absolute image path."""
+    from pailitao.io import atomic_path
+
+    cache = Path(cache_root) / f"gallery-{model_fp}-{dim}-{catalog.meta['fingerprint']}"
+    if (cache / "emb.npy").is_file():
+        return pd.read_parquet(cache / "gallery.parquet"), np.load(cache / "emb.npy")
+    g, emb = encode_gallery(load_embedder(), catalog, dim, batch_size)
+    g = g.assign(image=[str(catalog.image_file(p)) for p in g["path"]])
+    with atomic_path(cache) as tmp:
+        tmp.mkdir(parents=True)
+        g.to_parquet(tmp / "gallery.parquet", index=False)
+        np.save(tmp / "emb.npy", emb)
+    return g, emb
+
+
 def encode_queries(embedder, queries: pd.DataFrame, root: Path, dim: int, batch_size: int = 64) -> np.ndarray:
     images = [Image.open(root / p).convert("RGB") if isinstance(p, str) else None for p in queries["image"]]
     texts = [t if isinstance(t, str) else None for t in queries["text"]]

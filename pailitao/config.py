@@ -89,5 +89,10 @@ class Paths:
     def processed(self) -> Path:
         return self.workdir / "data" / "processed"
 
+    @property
+    def gallery_cache(self) -> Path:
+        """Catalog embeddings per (checkpoint, dim, catalog version); see evaluation.retrieval.cached_gallery."""
+        return self.processed / ".cache"
+
     def asset(self, name: str) -> Path:
         return self.processed / name

@@ -54,8 +54,7 @@ class RerankerModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from retrieval.rerank import load_reranker
 
-        self.ranker = load_reranker(context.artifacts["model"], {"chunk_size": 10, "assign": "round_robin",
-                                                                   "merge": "hybrid", "batch_size_infer": 64})
+        self.ranker = load_reranker(context.artifacts["model"])   # settings from its inference.json
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         val = lambda x: x if isinstance(x, str) and x else None  # noqa: E731

@@ -7,6 +7,7 @@ by P(yes). Both set Candidate.rerank_score and the calibrated Candidate.p_instan
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from retrieval.merge import assign_chunks, merge
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
 
 RERANK_ASSETS = {LIST: "reranker_model", POINT: "reranker_pointwise"}
+INFERENCE_FILE = "inference.json"   # the reranker section a checkpoint was validated with
+INFERENCE_KEYS = ("chunk_size", "assign", "merge", "batch_size_infer")
 
 
 @dataclass
@@ -127,10 +130,17 @@ class PointwiseReranker(_Base):
         return Ranked(order, p, self.calibrator(p), p, len(plan), {"r_raw": p})
 
 
-def load_reranker(model_dir: str | Path, cfg: dict, mode: str | None = None, merge_how: str | None = None,
-                  assign: str | None = None) -> _Base:
+def load_reranker(model_dir: str | Path, cfg: dict | None = None, mode: str | None = None,
+                  merge_how: str | None = None, assign: str | None = None) -> _Base:
     """A reranker from a checkpoint directory (with its calibration.json when fitted) and the
-    params' reranker section (chunk size, assignment, merge, batch size, image cache)."""
+    params' reranker section (chunk size, assignment, merge, batch size, image cache); keys cfg
+    lacks (all of them for cfg=None, as in the registered pyfunc) come from the checkpoint's
+    inference.json, the settings it was validated and calibrated with."""
+    saved = Path(model_dir) / INFERENCE_FILE
+    cfg = {**(json.loads(saved.read_text()) if saved.is_file() else {}), **(cfg or {})}
+    missing = [k for k in INFERENCE_KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"{model_dir}: no {INFERENCE_FILE} and no {missing} given: cannot build the reranker")
     model = MLLMReranker.from_pretrained(model_dir, cache_images=cfg.get("image_cache", 0))
     if mode and model.mode != mode:
         raise ValueError(f"{model_dir} holds a {model.mode!r} reranker, not {mode!r}")

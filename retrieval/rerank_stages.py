@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
 from data.schema import Catalog
-from evaluation.calibration import expected_calibration_error, fit_calibrator, reliability
+from evaluation.calibration import expected_calibration_error, fit_calibrator
 from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval_report
 from evaluation.retrieval import encode_queries
 from pailitao.config import Paths, fingerprint
@@ -24,7 +24,7 @@ from pailitao.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, _finish
 from pailitao.tracking import start_run, tracking_uri
 from retrieval.pipeline import load_embedder, resolve_model
-from retrieval.rerank import RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked, load_reranker
+from retrieval.rerank import INFERENCE_FILE, INFERENCE_KEYS, RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked, load_reranker
 from training import rerank_data as rd
 from training.data import TrainItems
 from training.modules import fit
@@ -36,7 +36,7 @@ THRESHOLD_FILE = "threshold.json"
 
 
 # ------------------------------------------------------------------------------------------ data
-def _gallery(params: dict) -> tuple[Path, pd.DataFrame, np.ndarray, dict]:
+def served_gallery(params: dict) -> tuple[Path, pd.DataFrame, np.ndarray, dict]:
     """item_embeddings of the served embedder: (dir, items with absolute image paths, embeddings, meta)."""
     emb_dir = Paths.from_params(params).asset("item_embeddings")
     meta = read_json(emb_dir / "meta.json")
@@ -54,7 +54,7 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
     catalog = Catalog.load(paths.asset("validated_catalog"))
     splits = pd.read_parquet(paths.asset("splits") / "splits.parquet")
     info = resolve_model(params)
-    _, gallery, g_emb, meta = _gallery(params)
+    _, gallery, g_emb, meta = served_gallery(params)
     if meta["model_version"] != info.fingerprint:
         raise ValueError(f"item_embeddings were built by model {meta['model_version']}, the served embedder is "
                          f"{info.fingerprint} ({info.source}); rebuild item_embeddings first")
@@ -64,7 +64,7 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
     qs_root = paths.asset("query_sets")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        queries = rd.train_queries(train, params, tmp)
+        queries = rd.train_queries(train, params, tmp, params["ingest"]["workers"])
         in_train = gallery["item_id"].isin(set(train["item_id"])).to_numpy()
         cands = rd.retrieve(encode_queries(embedder, queries, tmp, dim), gallery[in_train].reset_index(drop=True),
                             g_emb[in_train], queries["query_id"], n)
@@ -186,7 +186,7 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     stage = stage or RERANK_ASSETS[mode]
     ds = paths.asset("reranker_dataset")
     ds_meta = read_json(ds / "meta.json")
-    _, gallery, _, _ = _gallery(params)
+    _, gallery, _, _ = served_gallery(params)
     info = resolve_model(params)
     chunks, queries = pd.read_parquet(ds / "chunks.parquet"), pd.read_parquet(ds / "queries.parquet")
     L.seed_everything(params["seed"], workers=True)
@@ -224,6 +224,8 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
             model.save_pretrained(tmp / "model")
             cal.save(tmp / "model" / CALIBRATION_FILE)
             write_json(thresholds, tmp / "model" / THRESHOLD_FILE)
+            merge_how = {"merge": ranker.merge_how} if mode == LIST else {}   # as validated
+            write_json({k: cfg[k] for k in INFERENCE_KEYS} | merge_how, tmp / "model" / INFERENCE_FILE)
             rep.to_parquet(tmp / "val_report.parquet", index=False)
             write_json({"mode": mode, "dataset": ds_meta, "steps": cfg["steps"], "calibration": cal_report,
                         "thresholds": thresholds}, tmp / "meta.json")
@@ -260,20 +262,11 @@ def cross_fitted_ece(prob: np.ndarray, positive: np.ndarray, kind: str, seed: in
 
 
 def _log_reliability(before: np.ndarray, after: np.ndarray, positive: np.ndarray) -> None:
-    """Calibration diagram (validation) as an MLflow artifact."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Calibration diagram (validation) as an MLflow artifact, drawn like the A/B report's."""
+    from evaluation.report import plot_calibration
 
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=80)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    for p, name in ((before, "raw"), (after, "calibrated")):
-        rel = reliability(p, positive)
-        ax.plot(rel["mean_prob"], rel["frac_pos"], "o-", label=name)
-    ax.set_xlabel("predicted P(instance)"), ax.set_ylabel("observed frequency"), ax.legend()
-    fig.tight_layout()
-    mlflow.log_figure(fig, "calibration.png")
-    plt.close(fig)
+    mlflow.log_figure(plot_calibration({"raw": (before, positive), "calibrated": (after, positive)}),
+                      "calibration.png")
 
 
 def reranker_model(params: dict, dagster_run_id: str | None = None) -> StageResult:

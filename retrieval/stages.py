@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from data.schema import Catalog
-from evaluation.retrieval import encode_gallery
+from evaluation.retrieval import cached_gallery
 from pailitao.config import Paths, fingerprint
 from pailitao.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, _finish
@@ -31,7 +31,8 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
     info = resolve_model(params, model)
     out = Path(out or variant_dirs(params, info.name)[0])
     dim = params["model"]["served_dim"]
-    g, emb = encode_gallery(load_embedder(info), catalog, dim, params["serving"]["embed_batch_size"])
+    g, emb = cached_gallery(paths.gallery_cache, info.fingerprint, lambda: load_embedder(info), catalog, dim,
+                            params["serving"]["embed_batch_size"])
     seconds = time.perf_counter() - t0
     # image paths relative to the parent of `out` (ItemTable resolves them from there), so the
     # directory survives a moved workdir

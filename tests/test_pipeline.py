@@ -2,6 +2,7 @@
 query decoding, the Searcher (dedup, reranker hook, model/index guard), the champion lookup and
 `pailitao search`."""
 import json
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data.schema import Catalog
-from evaluation.retrieval import gallery
+from evaluation.retrieval import cached_gallery, gallery
 from pailitao.cli import main
 from pailitao.config import Paths, deep_merge
 from pailitao.io import read_json
@@ -49,6 +50,28 @@ def test_item_embeddings_and_index_cover_the_catalog(tiny_lineage, catalog):
     assert current.meta["model_version"] == meta["model_version"] and current.index.ntotal == len(g)
     passed, desc, info = check_ann_index(tiny_lineage)
     assert passed and info["recall"] == 1.0 and "recall@10" in desc
+
+
+def test_item_embeddings_reuse_the_gallery_the_promotion_gate_embedded(tiny_lineage, catalog, tmp_path):
+    """embedding_promotion embeds the catalog by both arms; item_embeddings reads the champion's
+    pass from the cache instead of embedding the catalog again."""
+    paths, dim = Paths.from_params(tiny_lineage), tiny_lineage["model"]["served_dim"]
+    meta = read_json(paths.asset("item_embeddings") / "meta.json")
+    cached = paths.gallery_cache / f"gallery-{meta['model_version']}-{dim}-{catalog.meta['fingerprint']}"
+    np.testing.assert_array_equal(np.load(cached / "emb.npy"), np.load(paths.asset("item_embeddings") / "embeddings.npy"))
+    served, loads = pl.resolve_model(tiny_lineage), []
+
+    def load():
+        loads.append(1)
+        return pl.load_embedder(served)
+
+    first = cached_gallery(tmp_path, served.fingerprint, load, catalog, dim)
+    again = cached_gallery(tmp_path, served.fingerprint, load, catalog, dim)
+    assert len(loads) == 1 and list(again[0]["image_id"]) == list(first[0]["image_id"])
+    np.testing.assert_array_equal(again[1], first[1])
+    assert Path(again[0]["image"].iloc[0]).is_file()
+    cached_gallery(tmp_path, "another-checkpoint", load, catalog, dim)   # a retrained model misses
+    assert len(loads) == 2
 
 
 def test_recall_check_fails_and_keeps_serving_the_previous_version(tiny_lineage, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from evaluation.report import GalleryQuery, ReportData, figure_png, reliability, render_report
+from evaluation.report import GalleryQuery, ReportData, figure_png, plot_calibration, render_report
 
 VARIANTS = ("baseline", "champion", "challenger")
 PNG_IMG = re.compile(r'<img[^>]*src="data:image/png;base64,([^"]+)"')
@@ -114,6 +114,8 @@ def test_figure_png_and_reliability():
     assert uri.startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as im:
         assert im.format == "PNG"
-    conf, acc, n, ece = reliability([0.05, 0.05, 0.95, 0.95, 1.0], [0, 0, 1, 1, 1])
-    assert n.tolist() == [2, 3] and ece == pytest.approx((2 * 0.05 + 2 * 0.05 + 0.0) / 5)
-    assert acc.tolist() == [0.0, 1.0] and conf[0] == pytest.approx(0.05)
+    # the diagram plots the calibration module's bins and labels each line with its ECE
+    fig = plot_calibration({"m": ([0.05, 0.05, 0.95, 0.95, 1.0], [0, 0, 1, 1, 1])})
+    line = [ln for ln in fig.axes[0].get_lines() if ln.get_label().startswith("m ")][0]
+    assert line.get_label() == f"m (ECE={(2 * 0.05 + 2 * 0.05) / 5:.3f})"
+    assert line.get_ydata().tolist() == [0.0, 1.0] and line.get_xdata()[0] == pytest.approx(0.05)

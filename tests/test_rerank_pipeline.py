@@ -77,6 +77,8 @@ def test_registered_reranker_pyfunc_ranks_rows(tiny_lineage, catalog_first, monk
     out = model.predict(df)
     assert sorted(out["rank"]) == [1, 2, 3, 4, 5]
     assert np.all((out["p_instance"] >= 0) & (out["p_instance"] <= 1))
+    ranker, cfg = model.unwrap_python_model().ranker, tiny_lineage["reranker"]   # settings as trained
+    assert (ranker.chunk_size, ranker.assign, ranker.merge_how) == (cfg["chunk_size"], cfg["assign"], cfg["merge"])
 
 
 def test_bad_rerank_config_is_named(tiny_lineage, tmp_path):

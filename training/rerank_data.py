@@ -15,15 +15,12 @@ import torch
 from PIL import Image
 
 from data.judgments import pair_levels
-from data.noise import noise_image, noise_text
+from data.noise import noise_text
+from data.queries import noise_seed, render_queries
 from data.splits import unit_hash
 
 
-def _seed(*parts) -> int:
-    return int(unit_hash(*parts) * 2**31)
-
-
-def train_queries(items: pd.DataFrame, params: dict, out_dir: Path) -> pd.DataFrame:
+def train_queries(items: pd.DataFrame, params: dict, out_dir: Path, workers: int = 1) -> pd.DataFrame:
     """Noisy shopper-style queries of a deterministic sample of train items (`items`: item_id,
     group_id, title, image = absolute catalog file), written as JPEG under out_dir/images.
     Returns query_id, item_id, group_id, level, image (relative to out_dir), text."""
@@ -31,20 +28,20 @@ def train_queries(items: pd.DataFrame, params: dict, out_dir: Path) -> pd.DataFr
     order = sorted(items["item_id"], key=lambda i: unit_hash("rerank-q", seed, i))
     pick = items.set_index("item_id").loc[order[: int(cfg["train_queries"])]].reset_index()
     pool = items["image"].tolist()
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows, tasks = [], []
     for n, r in enumerate(pick.itertuples()):
         level = cfg["query_levels"][n % len(cfg["query_levels"])]
-        s = _seed("rerank-noise", seed, r.item_id)
+        s = noise_seed("rerank-noise", seed, r.item_id)
         rng = np.random.default_rng(s)
-        bgs = [Image.open(pool[j]).convert("RGB") for j in rng.integers(len(pool), size=2)]
-        img = noise_image(Image.open(r.image).convert("RGB"), level, params["noise"][level], s, backgrounds=bgs)
         qid = f"train-{level}-{n:06d}"
         rel = f"images/{qid}.jpg"
-        img.save(out_dir / rel, "JPEG", quality=params["queries"]["image_quality"])
+        tasks.append({"src": r.image, "backgrounds": [pool[j] for j in rng.integers(len(pool), size=2)],
+                      "level": level, "cfg": params["noise"][level], "seed": s, "dst": rel,
+                      "format": "JPEG", "quality": params["queries"]["image_quality"]})
         text = noise_text(r.title, level, params["noise"][level], s) if rng.random() < cfg["text_share"] else None
         rows.append({"query_id": qid, "item_id": r.item_id, "group_id": r.group_id, "level": level,
                      "image": rel, "text": text})
+    render_queries(tasks, out_dir, workers)
     return pd.DataFrame(rows)
 
 
@@ -89,7 +86,7 @@ def training_chunks(cands: pd.DataFrame, m: int, instance_share: float, seed: in
     pos = positives.set_index("query_id") if positives is not None else None
     out = []
     for qid, g in cands.groupby("query_id", sort=True):
-        rng = np.random.default_rng(_seed("rerank-chunk", seed, qid))
+        rng = np.random.default_rng(noise_seed("rerank-chunk", seed, qid))
         inst = g[g["level"] == 0]
         want_instance = rng.random() < instance_share
         keep = inst.head(1) if len(inst) and want_instance else inst.iloc[:0]
