@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ARMS = {"control": promotion.CONTROL, "treatment": promotion.TREATMENT}
 METRICS = ["I-HR@1", "I-HR@5", "I-HR@10", "C-HR@1", "C-HR@5", "C-HR@10", "R@1", "R@5", "R@10", "mAP@R", "NDCG@10"]
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50)
+PRF = ("_P", "_R", "_F1")   # instance_/concept_ precision, recall, F1 keys in an arm's metrics
 
 
 def _queries(params: dict, split: str, per_level: int) -> pd.DataFrame:
@@ -112,8 +113,9 @@ def _curve(levels: np.ndarray) -> dict[int, float]:
 
 def _arm_record(run: dict, queries: pd.DataFrame, ms: np.ndarray, thresholds: dict | None, cfg: dict) -> dict:
     pq = _per_query(run, queries)
-    pr, thr = rs.prf(run, thresholds)
-    return {"per_query": pq, "metrics": _summaries(pq, cfg), "prf": pr, "thresholds": thr,
+    _, thr = rs.prf(run, thresholds)
+    prf = rs.prf_by_group(run, thr, queries["level"].to_numpy(), cfg["bootstrap"], cfg["alpha"])
+    return {"per_query": pq, "metrics": _summaries(pq, cfg) | prf, "thresholds": thr,
             "latency": latency_summary(ms), "latency_ms": ms, "curve": _curve(run["levels"]), "run": run}
 
 
@@ -149,7 +151,7 @@ def embedding_promotion(params: dict, dagster_run_id: str | None = None) -> Stag
             rec["candidates"].to_parquet(tmp / f"candidates_{arm}.parquet", index=False)
             np.save(tmp / f"latency_{arm}.npy", rec["latency_ms"])
         write_json({"decision": decision.to_dict(), "fingerprint": catalog.meta["fingerprint"],
-                    **{arm: {"metrics": rec["metrics"], "prf": rec["prf"], "thresholds": rec["thresholds"],
+                    **{arm: {"metrics": rec["metrics"], "thresholds": rec["thresholds"],
                              "latency": rec["latency"], "curve": rec["curve"]} for arm, rec in arms.items()}},
                    tmp / "meta.json")
     metrics = {f"{arm}_{m.replace('@', '_at_').replace('-', '_')}": rec["metrics"][m]["all"]["value"]
@@ -254,7 +256,7 @@ def _metric_table(records: dict) -> pd.DataFrame:
         for m in ("I-HR@1", "I-HR@5", "I-HR@10", "C-HR@1", "C-HR@10", "R@10", "mAP@R", "NDCG@10"):
             v = rec["metrics"][m]["all"]
             row[m] = f"{v['value']:.2f} [{v['ci_low']:.1f}, {v['ci_high']:.1f}]"
-        row.update({k: round(v, 2) for k, v in rec["prf"].items()})
+        row.update({m: round(v["all"]["value"], 2) for m, v in rec["metrics"].items() if m.endswith(PRF)})
         row.update({"p50 ms": round(rec["latency"]["p50"], 1), "p95 ms": round(rec["latency"]["p95"], 1)})
         rows.append(row)
     return pd.DataFrame(rows)
@@ -280,7 +282,7 @@ def _restore(prom_dir: Path, cfg: dict) -> dict:
             g = by_q.get(q)
             if g is not None:
                 items[i, :len(g)], levels[i, :len(g)] = g["item_id"].to_numpy(), g["level"].to_numpy()
-        out[arm] = {"per_query": pq, "metrics": meta[arm]["metrics"], "prf": meta[arm]["prf"],
+        out[arm] = {"per_query": pq, "metrics": meta[arm]["metrics"], "thresholds": meta[arm]["thresholds"],
                     "latency": meta[arm]["latency"], "latency_ms": np.load(prom_dir / f"latency_{arm}.npy"),
                     "curve": {int(k): v for k, v in meta[arm]["curve"].items()},
                     "run": {"items": items, "levels": levels}}
@@ -293,7 +295,6 @@ def _flat(records: dict, prefix: str) -> dict:
         for m, by_noise in rec["metrics"].items():
             for noise, v in by_noise.items():
                 out[f"{prefix}.{name}.{noise}.{m}"] = v["value"]
-        out.update({f"{prefix}.{name}.all.{k}": v for k, v in rec["prf"].items()})
         out.update({f"{prefix}.{name}.latency_{k}_ms": v for k, v in rec["latency"].items() if k != "n"})
     return {k.replace("@", "_at_"): float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
@@ -345,9 +346,10 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
                                  if online is None else online_json["event_log"])])
     metrics_json = {
         "profile": params["profile"], "catalog_fingerprint": catalog.meta["fingerprint"], "decision": decision,
-        "embedding": {a: {"metrics": emb[a]["metrics"], "prf": emb[a]["prf"], "latency": emb[a]["latency"]} for a in ARMS},
+        "embedding": {a: {"metrics": emb[a]["metrics"], "thresholds": emb[a]["thresholds"], "latency": emb[a]["latency"]}
+                      for a in ARMS},
         "embedding_comparison": comp_emb.reset_index().to_dict(orient="records"),
-        "reranking": {n: {"metrics": rerank[n]["metrics"], "prf": rerank[n]["prf"], "latency": rerank[n]["latency"],
+        "reranking": {n: {"metrics": rerank[n]["metrics"], "thresholds": rerank[n]["thresholds"], "latency": rerank[n]["latency"],
                           "forward_passes_per_query": rerank[n]["passes_per_query"]} for n in ("none", "point", "list")},
         "reranking_comparison": {"list_vs_none": comp_none.reset_index().to_dict(orient="records"),
                                  "list_vs_point": comp_point.reset_index().to_dict(orient="records")},

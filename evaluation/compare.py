@@ -17,16 +17,21 @@ _CHUNK_ELEMS = 4_000_000  # index-matrix elements per bootstrap chunk (~32 MB of
 _SCALED = ("control", "treatment", "diff", "ci_low", "ci_high")
 
 
-def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Means of ``n_boot`` resamples (with replacement) of x, vectorised in chunks so that a large
-    n * n_boot index matrix never has to sit in memory at once."""
+def _resamples(n: int, n_boot: int, seed: int):
+    """(slice of the n_boot resamples, [rows, n] indices drawn with replacement), in chunks so that
+    a large n * n_boot index matrix never has to sit in memory at once."""
     rng = np.random.default_rng(seed)
-    n = x.size
     rows = max(1, _CHUNK_ELEMS // max(n, 1))
-    out = np.empty(n_boot)
     for start in range(0, n_boot, rows):
         stop = min(n_boot, start + rows)
-        out[start:stop] = x[rng.integers(0, n, (stop - start, n))].mean(axis=1)
+        yield slice(start, stop), rng.integers(0, n, (stop - start, n))
+
+
+def _boot_means(x: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Means of ``n_boot`` resamples (with replacement) of x."""
+    out = np.empty(n_boot)
+    for rows, idx in _resamples(x.size, n_boot, seed):
+        out[rows] = x[idx].mean(axis=1)
     return out
 
 
@@ -111,6 +116,26 @@ def bootstrap_mean_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int
         return float("nan"), float("nan"), float("nan")
     lo, hi = np.quantile(_boot_means(x, n_boot, seed), [alpha / 2, 1 - alpha / 2])
     return float(x.mean()), float(lo), float(hi)
+
+
+def bootstrap_ratio_ci(num, den, n_boot: int = 2000, alpha: float = 0.05,
+                       seed: int = 0) -> tuple[float, float, float]:
+    """(sum num / sum den, lo, hi) with a percentile bootstrap over units (queries), for pooled
+    ratios whose pairs are clustered by query: precision = TP / predicted, recall = TP / positives,
+    F1 = 2 TP / (predicted + positives). A resample with den 0 counts as ratio 0 (as
+    precision_recall_f1 does). No units or sum den == 0 -> (nan, nan, nan)."""
+    a = np.asarray(num, dtype=np.float64).reshape(-1)
+    b = np.asarray(den, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"num and den have different lengths ({a.size} vs {b.size})")
+    if a.size == 0 or b.sum() == 0:
+        return float("nan"), float("nan"), float("nan")
+    out = np.empty(n_boot)
+    for rows, idx in _resamples(a.size, n_boot, seed):
+        sa, sb = a[idx].sum(axis=1), b[idx].sum(axis=1)
+        out[rows] = np.divide(sa, sb, out=np.zeros_like(sa), where=sb > 0)
+    lo, hi = np.quantile(out, [alpha / 2, 1 - alpha / 2])
+    return float(a.sum() / b.sum()), float(lo), float(hi)
 
 
 def proportion_ci(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, float, float]:

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from data.schema import Catalog
 from evaluation.calibration import expected_calibration_error, fit_calibrator
+from evaluation.compare import bootstrap_ratio_ci
 from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval_report
 from evaluation.retrieval import encode_queries
 from pailitao.config import Paths, fingerprint
@@ -167,6 +168,24 @@ def prf(run: dict, thresholds: dict | None = None) -> tuple[dict, dict]:
         chosen[name] = float(t)
         out.update({f"{name}_P": 100 * p, f"{name}_R": 100 * r, f"{name}_F1": 100 * f})
     return out, chosen
+
+
+def prf_by_group(run: dict, thresholds: dict, groups, n_boot: int = 2000, alpha: float = 0.05) -> dict:
+    """prf at fixed (validation) thresholds, per group of queries (noise level) and "all", with
+    bootstrap intervals over queries (a query's candidate pairs are not independent):
+    {instance_P, instance_R, instance_F1, concept_*} -> group -> {value, ci_low, ci_high}, percent."""
+    lv, groups = run["levels_by_rank"], np.asarray(groups)
+    filled, out = lv < 9, {}
+    for name, key, pos in (("instance", "p_instance", lv == 0), ("concept", "p_concept", lv <= 1)):
+        pos = pos & filled
+        pred = (run[key] >= thresholds[name]) & filled
+        tp, n_pred, n_pos = (pred & pos).sum(1), pred.sum(1), pos.sum(1)
+        for g in ["all", *sorted(set(groups.tolist()))]:
+            m = np.ones(len(groups), bool) if g == "all" else groups == g
+            for stat, num, den in (("P", tp, n_pred), ("R", tp, n_pos), ("F1", 2 * tp, n_pred + n_pos)):
+                v, lo, hi = bootstrap_ratio_ci(num[m], den[m], n_boot, alpha)
+                out.setdefault(f"{name}_{stat}", {})[g] = {"value": 100 * v, "ci_low": 100 * lo, "ci_high": 100 * hi}
+    return out
 
 
 def report(run: dict, queries: pd.DataFrame) -> pd.DataFrame:

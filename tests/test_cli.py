@@ -27,6 +27,9 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     metrics = json.loads((out / "metrics.json").read_text())   # every metric per variant and level, with CIs
     i_hr = metrics["embedding"]["treatment"]["metrics"]["I-HR@1"]
     assert {"all", "clean", "mild", "hard"} <= set(i_hr) and {"value", "ci_low", "ci_high"} <= set(i_hr["all"])
+    for variant in (metrics["embedding"]["control"], metrics["reranking"]["list"]):   # P/R/F1 at val thresholds
+        assert {"instance", "concept"} == set(variant["thresholds"])
+        assert {"all", "clean", "mild", "hard"} <= set(variant["metrics"]["instance_F1"])
     assert set(metrics["reranking"]) == {"none", "point", "list"} and metrics["decision"]["alias"] in ("champion", "challenger")
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "Gallery" in html

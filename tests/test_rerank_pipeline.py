@@ -88,3 +88,27 @@ def test_bad_rerank_config_is_named(tiny_lineage, tmp_path):
     with pytest.raises(FileNotFoundError, match="pailitao reranker_model"):
         build_reranker(empty, "list")
     assert build_reranker(tiny_lineage, "none") is None
+
+
+def test_prf_by_group_matches_pooled_prf_and_splits_by_noise():
+    from evaluation.metrics import precision_recall_f1
+    from retrieval.rerank_stages import prf, prf_by_group
+
+    # 3 queries x 3 slots; 9 = empty slot. Instance positives are level 0, concept 0 or 1.
+    levels = np.array([[0, 1, 2], [2, 0, 9], [1, 2, 2]])
+    p = np.array([[.9, .6, .2], [.7, .4, -np.inf], [.8, .1, .3]])
+    run = {"levels_by_rank": levels, "p_instance": p, "p_concept": p}
+    thr = {"instance": 0.5, "concept": 0.5}
+    out = prf_by_group(run, thr, ["clean", "hard", "hard"], n_boot=200)
+    filled = levels < 9
+    for name, pos in (("instance", levels == 0), ("concept", levels <= 1)):
+        want = precision_recall_f1(p[filled], pos[filled], 0.5)
+        got = [out[f"{name}_{s}"]["all"]["value"] / 100 for s in ("P", "R", "F1")]
+        assert got == pytest.approx(want)
+    flat, _ = prf(run, thr)
+    assert out["instance_F1"]["all"]["value"] == pytest.approx(flat["instance_F1"])
+    # hard: predicted {(1,0) level 2, (2,0) level 1}, instance positive (1,1) missed -> P 0, R 0
+    assert out["instance_P"]["hard"]["value"] == 0 and out["instance_R"]["hard"]["value"] == 0
+    assert out["concept_P"]["hard"]["value"] == pytest.approx(50.0)        # (2,0) is a concept hit
+    assert out["instance_P"]["clean"]["value"] == pytest.approx(50.0)      # (0,0) yes, (0,1) no
+    assert {"value", "ci_low", "ci_high"} == set(out["concept_R"]["all"])
