@@ -311,6 +311,13 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
     comp_emb = _comparison(emb["control"], emb["treatment"], cfg)
     comp_none = _comparison(rerank["none"], rerank["list"], cfg)
     comp_point = _comparison(rerank["point"], rerank["list"], cfg)
+    # the rerank gate: serving.rerank `gated` serves the listwise reranker only on a significant
+    # gate-metric win over embedding order within promotion.rerank_latency_budget_ms
+    rerank_decision = promotion.decide(comp_none, rerank["none"]["latency"], rerank["list"]["latency"],
+                                       params["promotion"], model=rs.RERANK_ASSETS["list"],
+                                       budget_key="rerank_latency_budget_ms").to_dict()
+    rerank_decision["status"] = ("served by serving.rerank: gated" if rerank_decision["promoted"] else
+                                 "not served by serving.rerank: gated (embedding order is)")
     online, online_json = online_ab(params)
     r_list = rerank["list"]["run"]
     filled = r_list["levels_by_rank"] < 9
@@ -324,6 +331,7 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
         decision={"promoted": decision["promoted"], "model": decision["model"],
                   "alias": decision["alias"], "reasons": decision["reasons"]},
+        more_decisions=[rerank_decision],
         sections=[
             ("Embedding: contrastive control vs ID-prototype treatment",
              f"{n_emb} unseen test queries against the whole catalog; paired bootstrap over queries "
@@ -346,6 +354,7 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
                                  if online is None else online_json["event_log"])])
     metrics_json = {
         "profile": params["profile"], "catalog_fingerprint": catalog.meta["fingerprint"], "decision": decision,
+        "rerank_decision": rerank_decision,
         "embedding": {a: {"metrics": emb[a]["metrics"], "thresholds": emb[a]["thresholds"], "latency": emb[a]["latency"]}
                       for a in ARMS},
         "embedding_comparison": comp_emb.reset_index().to_dict(orient="records"),
@@ -360,17 +369,21 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
         tmp.mkdir(parents=True)
         render_report(data, tmp / "report.html")
         write_json(metrics_json, tmp / "metrics.json")
-        write_json({"fingerprint": catalog.meta["fingerprint"], "decision": decision}, tmp / "meta.json")
+        write_json({"fingerprint": catalog.meta["fingerprint"], "decision": decision,
+                    "rerank_decision": rerank_decision}, tmp / "meta.json")
     flat = _flat({f"emb_{a}": emb[a] for a in ARMS}, "embedding") | _flat({n: rerank[n] for n in ("none", "point", "list")}, "rerank")
     res = StageResult("ab_report", out,
-                      metrics={"promoted": float(decision["promoted"]),
+                      metrics={"promoted": float(decision["promoted"]), "rerank_served": float(rerank_decision["promoted"]),
                                "embedding_diff_I_HR_at_1": float(comp_emb.loc["I-HR@1", "diff"]),
                                "rerank_list_vs_none_diff_I_HR_at_1": float(comp_none.loc["I-HR@1", "diff"]),
                                "rerank_list_vs_point_diff_I_HR_at_1": float(comp_point.loc["I-HR@1", "diff"])},
                       info={"report": str(out / "report.html"),
                             "decision": "promoted to champion" if decision["promoted"] else "kept as challenger",
-                            "reasons": " | ".join(decision["reasons"]), "fingerprint": catalog.meta["fingerprint"]},
+                            "reasons": " | ".join(decision["reasons"]), "fingerprint": catalog.meta["fingerprint"],
+                            "rerank_decision": rerank_decision["status"],
+                            "rerank_reasons": " | ".join(rerank_decision["reasons"])},
                       markdown={"decision": "\n".join(f"- {r}" for r in decision["reasons"]),
+                                "rerank_decision": "\n".join(f"- {r}" for r in rerank_decision["reasons"]),
                                 "variants": _metric_table(arms).to_markdown(index=False)})
     with start_run("ab_report", params, catalog.meta["fingerprint"], dagster_run_id) as run:
         mlflow.log_metrics(flat)

@@ -31,11 +31,13 @@ class Decision:
         return asdict(self)
 
 
-def decide(comparison: pd.DataFrame, latency_control: dict, latency_treatment: dict, cfg: dict) -> Decision:
+def decide(comparison: pd.DataFrame, latency_control: dict, latency_treatment: dict, cfg: dict,
+           model: str = TREATMENT, budget_key: str = "latency_budget_ms") -> Decision:
     """The gate. comparison: evaluation.compare.compare(control, treatment) rows by metric (values in
     percent); latency_*: evaluation.metrics.latency_summary of per-query milliseconds;
-    cfg: params["promotion"] (metric, latency_stat, latency_budget_ms)."""
-    metric, stat, budget = cfg["metric"], cfg["latency_stat"], float(cfg["latency_budget_ms"])
+    cfg: params["promotion"] (metric, latency_stat, and the budget under budget_key); model: the
+    treatment's stage (the embedder, or reranker_model for the rerank gate)."""
+    metric, stat, budget = cfg["metric"], cfg["latency_stat"], float(cfg[budget_key])
     if metric not in comparison.index:
         raise ValueError(f"promotion.metric {metric!r} is not among the compared metrics {list(comparison.index)}")
     row = comparison.loc[metric]
@@ -53,7 +55,7 @@ def decide(comparison: pd.DataFrame, latency_control: dict, latency_treatment: d
         reasons.append(f"latency {stat} {lt:.1f} ms vs control {lc:.1f} ms: +{lt - lc:.1f} ms exceeds the budget of {budget:g} ms")
     else:
         reasons.append(f"latency {stat} {lt:.1f} ms vs control {lc:.1f} ms: within the budget of {budget:g} ms")
-    return Decision(ok, TREATMENT, CHAMPION if ok else CHALLENGER, reasons)
+    return Decision(ok, model, CHAMPION if ok else CHALLENGER, reasons)
 
 
 def _latest(client, name: str) -> str | None:

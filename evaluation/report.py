@@ -56,7 +56,8 @@ class GalleryQuery:
 class ReportData:
     title: str
     subtitle: str = ""
-    decision: dict | None = None     # {"promoted", "model", "alias", "reasons"}
+    decision: dict | None = None     # {"promoted", "model", "alias", "reasons"[, "status"]}
+    more_decisions: list[dict] = field(default_factory=list)   # further gates (the reranker's), same keys
     sections: list[tuple[str, str, pd.DataFrame]] = field(default_factory=list)
     recall_curves: dict[str, dict[int, float]] = field(default_factory=dict)
     by_noise: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -168,7 +169,7 @@ def plot_calibration(calib: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
 
 def _banner(d: dict) -> str:
     ok = bool(d.get("promoted"))
-    status = "PROMOTED to champion" if ok else "kept as challenger"
+    status = d.get("status") or ("PROMOTED to champion" if ok else "kept as challenger")
     reasons = "".join(f"<li>{esc(r)}</li>" for r in d.get("reasons") or [])
     return (f'<div class="banner {"ok" if ok else "hold"}"><b>{esc(d.get("model", "model"))}: {status}</b>'
             f'{f"<ul>{reasons}</ul>" if reasons else ""}</div>')
@@ -204,8 +205,8 @@ def render_html(data: ReportData) -> str:
     out = [f"<h1>{esc(data.title)}</h1>"]
     if data.subtitle:
         out.append(f'<p class="sub">{esc(data.subtitle)}</p>')
-    if data.decision:
-        out.append(_banner(data.decision))
+    for d in ([data.decision] if data.decision else []) + data.more_decisions:
+        out.append(_banner(d))
     for heading, text, df in data.sections:
         out.append(f'<h2>{esc(heading)}</h2><p class="explain">{esc(text)}</p>{_table(df)}')
     plots = [  # (data, plotter, alt, caption): only non-empty data gets a figure

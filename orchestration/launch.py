@@ -55,7 +55,8 @@ def run_job(profile: str | None, dataset: str | None) -> int:
     if report is not None:
         md = {k: v.value for k, v in report.metadata.items()}
         console.print(f"\nA/B report: [bold]{md.get('report')}[/bold]\n"
-                      f"Champion decision: [bold]{md.get('decision')}[/bold] ({md.get('reasons')})")
+                      f"Champion decision: [bold]{md.get('decision')}[/bold] ({md.get('reasons')})\n"
+                      f"Listwise reranker: [bold]{md.get('rerank_decision')}[/bold] ({md.get('rerank_reasons')})")
     console.print("\nOpen the Dagster UI:  [bold]make ui[/bold]         -> http://127.0.0.1:3000 "
                   "(this run is in its Runs tab)\n"
                   "Open the MLflow UI:   [bold]make mlflow-ui[/bold]  -> http://127.0.0.1:5000\n"

@@ -298,13 +298,30 @@ def reranker_pointwise(params: dict, dagster_run_id: str | None = None) -> Stage
     return train_reranker(params, POINT, Paths.from_params(params).asset("reranker_pointwise"), dagster_run_id)
 
 
+GATED = "gated"
+
+
+def gated_rerank(params: dict) -> str:
+    """What serving.rerank `gated` serves: `list` when the last ab_report's rerank gate passed
+    (a significant win over embedding order within the latency budget), else `none`."""
+    meta = Paths.from_params(params).asset("ab_report") / "meta.json"
+    decision = read_json(meta).get("rerank_decision") if meta.is_file() else None
+    if decision is None:
+        log.warning("serving.rerank is gated but %s holds no rerank decision yet: serving embedding order", meta)
+        return "none"
+    log.info("serving.rerank gated: %s (%s)", decision["status"], "; ".join(decision["reasons"]))
+    return LIST if decision["promoted"] else "none"
+
+
 def build_reranker(params: dict, kind: str | None = None):
-    """The search pipeline's reranker for serving.rerank (none | point | list); None for none."""
+    """The search pipeline's reranker for serving.rerank (none | point | list | gated); None for none."""
     kind = kind or params["serving"].get("rerank", "none")
+    if kind == GATED:
+        kind = gated_rerank(params)
     if kind in (None, "none"):
         return None
     if kind not in RERANK_ASSETS:
-        raise ValueError(f"serving.rerank must be none, point or list, got {kind!r}")
+        raise ValueError(f"serving.rerank must be none, point, list or gated, got {kind!r}")
     model_dir = Paths.from_params(params).asset(RERANK_ASSETS[kind]) / "model"
     if not model_dir.is_dir():
         raise FileNotFoundError(f"serving.rerank is {kind!r} but {model_dir} does not exist: run "

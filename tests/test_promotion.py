@@ -40,6 +40,13 @@ def test_gate_promotes_a_better_model_and_refuses_a_worse_or_slower_one():
     assert not same.promoted and "no significant difference" in same.reasons[0]
     slower = _gate(0.25, slower_ms=25.0)
     assert not slower.promoted and "exceeds the budget" in slower.reasons[1]
+    # the rerank gate: same rule, its own (larger) budget and the reranker as the treatment
+    c, t = _arms(0.25)
+    lat = np.random.default_rng(1).gamma(4, 5, 400)
+    rerank = promotion.decide(compare(c, t, n_boot=1000), latency_summary(lat), latency_summary(lat + 60.0),
+                              {**GATE, "rerank_latency_budget_ms": 100.0}, model="reranker_model",
+                              budget_key="rerank_latency_budget_ms")
+    assert rerank.promoted and rerank.model == "reranker_model" and "within the budget of 100 ms" in rerank.reasons[1]
     with pytest.raises(ValueError, match="promotion.metric"):
         promotion.decide(compare(*_arms(0.1)), latency_summary([1.0]), latency_summary([1.0]), {**GATE, "metric": "nDCG"})
 

@@ -48,6 +48,8 @@ def full_data(tmp_path) -> tuple[ReportData, int]:
         subtitle="profile=tiny · data=abc123 · commit deadbeef",
         decision={"promoted": True, "model": "pailitao-vl", "alias": "champion",
                   "reasons": ["I-HR@1 +1.2 pts, CI excludes 0", "p95 latency within budget"]},
+        more_decisions=[{"promoted": False, "model": "reranker_model", "status": "not served (gated)",
+                         "reasons": ["latency p95 +120 ms exceeds the budget"]}],
         sections=[("Paired comparison", "Bootstrap over queries, 95% CI.", table)],
         recall_curves={v: {k: float(50 + 10 * np.log2(k) + rng.normal()) for k in (1, 5, 10, 20)} for v in VARIANTS},
         by_noise={v: {"hard": 40.0 + i, "clean": 70.0 + i, "mild": 60.0 + i} for i, v in enumerate(VARIANTS)},
@@ -70,6 +72,7 @@ def test_full_report(tmp_path, full_data):
     assert len(JPEG_IMG.findall(text)) == n_thumbs
     assert len(re.findall(r'<span class="t[^"]* ph"', text)) == 1   # grey placeholder, no crash
     assert "PROMOTED to champion" in text and "kept as challenger" not in text
+    assert "reranker_model: not served (gated)" in text and "+120 ms exceeds" in text   # the rerank gate
     for reason in data.decision["reasons"]:
         assert reason in text
     assert "<script>" not in text and "&lt;script&gt;" in text
@@ -89,6 +92,7 @@ def test_rerender_replaces_atomically(tmp_path, full_data):
     path.write_text("old")
     before = set(tmp_path.iterdir())
     data.decision = {"promoted": False, "model": "m2", "alias": "challenger", "reasons": ["CI crosses 0"]}
+    data.more_decisions = []
     assert render_report(data, path) == path
     text = path.read_text(encoding="utf-8")
     assert "kept as challenger" in text and "PROMOTED" not in text and "CI crosses 0" in text

@@ -81,6 +81,24 @@ def test_registered_reranker_pyfunc_ranks_rows(tiny_lineage, catalog_first, monk
     assert (ranker.chunk_size, ranker.assign, ranker.merge_how) == (cfg["chunk_size"], cfg["assign"], cfg["merge"])
 
 
+def test_gated_rerank_follows_the_ab_report_gate(tiny_lineage, tmp_path):
+    from pailitao.io import read_json, write_json
+
+    paths = Paths.from_params(tiny_lineage)
+    decision = read_json(paths.asset("ab_report") / "meta.json")["rerank_decision"]
+    assert decision["model"] == "reranker_model" and "I-HR@1" in decision["reasons"][0]
+    assert (build_reranker(tiny_lineage, "gated") is not None) == decision["promoted"]
+    work = deep_merge(tiny_lineage, {"workdir": str(tmp_path)})
+    assert build_reranker(work, "gated") is None      # no report yet: embedding order
+    processed = Paths.from_params(work).processed
+    processed.mkdir(parents=True)
+    (processed / "reranker_model").symlink_to(paths.asset("reranker_model"))
+    for promoted in (True, False):
+        write_json({"rerank_decision": {**decision, "promoted": promoted}}, processed / "ab_report" / "meta.json")
+        ranker = build_reranker(work, "gated")
+        assert (ranker is not None) == promoted and (ranker is None or ranker.model.mode == "list")
+
+
 def test_bad_rerank_config_is_named(tiny_lineage, tmp_path):
     with pytest.raises(ValueError, match="serving.rerank must be"):
         build_reranker(tiny_lineage, "listwise")
