@@ -163,7 +163,7 @@ def embedding_promotion(params: dict, dagster_run_id: str | None = None) -> Stag
                             "champion": decision.versions.get("champion", ""), "reasons": " | ".join(decision.reasons),
                             "fingerprint": catalog.meta["fingerprint"]},
                       markdown={"comparison": comp.reset_index().to_markdown(index=False, floatfmt=".3g"),
-                                "decision": "\n".join(f"- {r}" for r in decision.reasons)})
+                                "decision_reasons": "\n".join(f"- {r}" for r in decision.reasons)})
     with start_run("embedding_promotion", params, catalog.meta["fingerprint"], dagster_run_id) as run:
         return _finish(res, run)
 
@@ -382,8 +382,8 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
                             "reasons": " | ".join(decision["reasons"]), "fingerprint": catalog.meta["fingerprint"],
                             "rerank_decision": rerank_decision["status"],
                             "rerank_reasons": " | ".join(rerank_decision["reasons"])},
-                      markdown={"decision": "\n".join(f"- {r}" for r in decision["reasons"]),
-                                "rerank_decision": "\n".join(f"- {r}" for r in rerank_decision["reasons"]),
+                      markdown={"decision_reasons": "\n".join(f"- {r}" for r in decision["reasons"]),
+                                "rerank_decision_reasons": "\n".join(f"- {r}" for r in rerank_decision["reasons"]),
                                 "variants": _metric_table(arms).to_markdown(index=False)})
     with start_run("ab_report", params, catalog.meta["fingerprint"], dagster_run_id) as run:
         mlflow.log_metrics(flat)

@@ -32,6 +32,19 @@ def execute(profile: str | None = None, dataset: str | None = None, workdir: str
                     "loggers": {"console": {"config": {"log_level": "INFO"}}}})
 
 
+def decisions(result) -> str:
+    """The run's closing lines: the A/B report's path, the champion decision and the rerank gate,
+    each with its reasons ('' when the run made no ab_report)."""
+    report = {ev.event_specific_data.materialization.asset_key.to_user_string(): ev.event_specific_data.materialization
+              for ev in result.get_asset_materialization_events()}.get("ab_report")
+    if report is None:
+        return ""
+    md = {k: v.value for k, v in report.metadata.items()}
+    return (f"A/B report: {md['report']}\n"
+            f"Champion decision: {md['decision']} ({md['reasons']})\n"
+            f"Listwise reranker: {md['rerank_decision']} ({md['rerank_reasons']})")
+
+
 def run_job(profile: str | None, dataset: str | None) -> int:
     result = execute(profile, dataset)
     console = Console()
@@ -50,13 +63,8 @@ def run_job(profile: str | None, dataset: str | None) -> int:
             e = ev.event_specific_data
             if not e.passed:
                 console.print(f"[yellow]check {e.check_name}: {e.description}[/yellow]")
-    report = {ev.event_specific_data.materialization.asset_key.to_user_string(): ev.event_specific_data.materialization
-              for ev in result.get_asset_materialization_events()}.get("ab_report")
-    if report is not None:
-        md = {k: v.value for k, v in report.metadata.items()}
-        console.print(f"\nA/B report: [bold]{md.get('report')}[/bold]\n"
-                      f"Champion decision: [bold]{md.get('decision')}[/bold] ({md.get('reasons')})\n"
-                      f"Listwise reranker: [bold]{md.get('rerank_decision')}[/bold] ({md.get('rerank_reasons')})")
+    if decisions(result):
+        console.print("\n" + decisions(result))
     console.print("\nOpen the Dagster UI:  [bold]make ui[/bold]         -> http://127.0.0.1:3000 "
                   "(this run is in its Runs tab)\n"
                   "Open the MLflow UI:   [bold]make mlflow-ui[/bold]  -> http://127.0.0.1:5000\n"

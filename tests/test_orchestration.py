@@ -5,7 +5,7 @@ from dagster import DagsterInstance
 
 from data.validation import CHECK_NAMES
 from orchestration.definitions import defs
-from orchestration.launch import execute
+from orchestration.launch import decisions, execute
 from tests.conftest import write_manifest
 
 LINEAGE = ["raw_catalog", "validated_catalog", "splits", "query_sets", "stage1_embedder",
@@ -52,6 +52,11 @@ def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
     assert meta["raw_catalog"]["synthetic"].value == "True"
     assert meta["query_sets"]["sample_queries"].value.count("data:image/png;base64") == 1
     assert len(meta["splits"]["mlflow_run_id"].value) == 32
+    lines = decisions(result).splitlines()   # what `make demo` ends with
+    assert lines[0] == f"A/B report: {tmp_path / 'work/data/processed/ab_report/report.html'}"
+    assert lines[1].startswith(("Champion decision: promoted to champion (I-HR@1",
+                                "Champion decision: kept as challenger (I-HR@1"))
+    assert lines[2].startswith("Listwise reranker: ") and "I-HR@1" in lines[2] and "gated" in lines[2]
     for model in ("embedding_model", "baseline_embedder"):
         assert "val_all_I_HR_at_1" in meta[model] and meta[model]["registered_version"].value
         assert "data:image/png;base64" in meta[model]["loss_curve"].value
