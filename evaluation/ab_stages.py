@@ -299,6 +299,17 @@ def _flat(records: dict, prefix: str) -> dict:
     return {k.replace("@", "_at_"): float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
 
 
+def _strict_json(obj):
+    """nan / inf -> null, so metrics.json is standard JSON (jq, browsers) and not Python's NaN."""
+    if isinstance(obj, dict):
+        return {k: _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
+
+
 def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """The A/B report: embedding control vs treatment (with the promotion decision), reranking none
     vs pointwise vs listwise-hybrid, calibration, online click-through per variant; one
@@ -368,7 +379,7 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
         render_report(data, tmp / "report.html")
-        write_json(metrics_json, tmp / "metrics.json")
+        write_json(_strict_json(metrics_json), tmp / "metrics.json")
         write_json({"fingerprint": catalog.meta["fingerprint"], "decision": decision,
                     "rerank_decision": rerank_decision}, tmp / "meta.json")
     flat = _flat({f"emb_{a}": emb[a] for a in ARMS}, "embedding") | _flat({n: rerank[n] for n in ("none", "point", "list")}, "rerank")

@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from pailitao.cli import main
 from tests.conftest import write_manifest
@@ -24,7 +25,8 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     assert all(len(s["mlflow_run_id"]) == 32 for s in summary["stages"].values())
     q = pd.read_parquet(out / "data/processed/query_sets/queries.parquet")
     assert len(q) and (out / "data/processed/query_sets" / q["image"].iloc[0]).is_file()
-    metrics = json.loads((out / "metrics.json").read_text())   # every metric per variant and level, with CIs
+    text = (out / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}: not standard JSON"))
     i_hr = metrics["embedding"]["treatment"]["metrics"]["I-HR@1"]
     assert {"all", "clean", "mild", "hard"} <= set(i_hr) and {"value", "ci_low", "ci_high"} <= set(i_hr["all"])
     for variant in (metrics["embedding"]["control"], metrics["reranking"]["list"]):   # P/R/F1 at val thresholds
