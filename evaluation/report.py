@@ -34,7 +34,7 @@ h1{margin-bottom:2px} .sub{color:#666;margin-top:0}
 .banner.ok{background:#e6f4ea;border-color:#34a853} .banner.hold{background:#fff4e0;border-color:#f0a020}
 .banner b{font-size:1.15em} .explain{color:#444;max-width:900px}
 table.tbl{border-collapse:collapse;margin:8px 0 16px} .tbl th,.tbl td{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}
-.tbl th{background:#f4f4f4} figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}
+.tbl th{background:#f4f4f4} .scroll{overflow-x:auto;max-width:100%} figure{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}
 figcaption{color:#555;font-size:.9em;max-width:520px}
 .grow{display:flex;gap:18px;align-items:flex-start;border-bottom:1px solid #eee;padding:10px 0}
 .q{width:140px;font-size:.85em;word-break:break-word} .v{font-size:.8em} .v>div{display:flex;gap:4px}
@@ -141,7 +141,10 @@ def plot_latency(latency: dict[str, np.ndarray]) -> Figure:
     """ECDF on a log axis: tails matter for serving, and histograms hide them."""
     fig, ax = _fig()
     for name, v in latency.items():
-        v = np.sort(np.maximum(np.asarray(v, dtype=float).ravel(), 1e-3))
+        v = np.sort(np.asarray(v, dtype=float).ravel())
+        if not v.size or v[-1] <= 0:   # an arm that adds no time (rerank none) has no place on a log axis
+            continue
+        v = np.maximum(v, 1e-3)
         p = np.percentile(v, PERCENTILES)
         label = f"{name} (" + ", ".join(f"p{q}={x:.1f}" for q, x in zip(PERCENTILES, p)) + " ms)"
         ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label)
@@ -176,7 +179,9 @@ def _banner(d: dict) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    return df.to_html(classes="tbl", escape=True, border=0, na_rep="–", float_format="{:.4g}".format)
+    plain = isinstance(df.index, pd.RangeIndex)   # 0, 1, 2 ... says nothing: leave it out
+    return ('<div class="scroll">' + df.to_html(classes="tbl", escape=True, border=0, na_rep="–", index=not plain,
+                                               float_format="{:.4g}".format) + "</div>")
 
 
 def _thumb(path, tip: str, level=None, cache=None) -> str:

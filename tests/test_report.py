@@ -99,6 +99,20 @@ def test_rerender_replaces_atomically(tmp_path, full_data):
     assert set(tmp_path.iterdir()) == before   # no temp files left behind
 
 
+def test_latency_plot_leaves_out_an_arm_that_adds_no_time():
+    from evaluation.report import plot_latency
+
+    fig = plot_latency({"rerank none": np.zeros(5), "rerank list": np.array([180.0, 200.0, 260.0])})
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(labels) == 1 and labels[0].startswith("rerank list (p50=200.0")
+
+
+def test_tables_leave_out_a_plain_row_index(tmp_path):
+    data = ReportData(title="t", sections=[("s", "x", pd.DataFrame({"metric": ["I-HR@1"], "diff": [1.5]}))])
+    text = render_report(data, tmp_path / "t.html").read_text(encoding="utf-8")
+    assert "<td>I-HR@1</td>" in text and "<th>0</th>" not in text and 'class="scroll"' in text
+
+
 def test_empty_sections_skipped(tmp_path):
     data = ReportData(title="empty", latency_ms={"a": np.array([])},
                       calibration={"c": (np.array([]), np.array([]))}, online=pd.DataFrame())
