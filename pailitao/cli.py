@@ -113,7 +113,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pailitao.lineage import STAGES
+    from pailitao.lineage import stage_help   # not STAGES: --help must not wait for torch
 
     p = argparse.ArgumentParser(prog="pailitao", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         if workdir:
             sp.add_argument("--workdir", help="where data/processed lives (default: params workdir)")
 
-    for name, fn in STAGES.items():
-        common(sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0]))
+    for name, text in stage_help().items():
+        common(sub.add_parser(name, help=text))
     common(sub.add_parser("validate", help="run the validation rules on raw_catalog and print them"))
     run = sub.add_parser("run", help="run the whole lineage on a catalog; writes OUT/summary.json, metrics.json, report.html")
     common(run, workdir=False)

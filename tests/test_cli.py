@@ -69,3 +69,20 @@ def test_validate_prints_each_rule(tmp_path, mlflow_uri, capsys):
 def test_unknown_profile_is_a_clear_error(tmp_path, capsys):
     assert main(["splits", "--profile", "huge", "--workdir", str(tmp_path)]) == 2
     assert "unknown profile 'huge'" in capsys.readouterr().err
+
+
+def test_parser_lists_every_stage_without_importing_torch():
+    """`pailitao --help` reads the stage registries from source: the same names, order and help as
+    the imported STAGES, without the seconds torch takes to import."""
+    import subprocess
+    import sys
+
+    from pailitao.config import REPO_ROOT
+    from pailitao.lineage import STAGES, stage_help
+
+    assert list(stage_help()) == list(STAGES)
+    assert all(stage_help()[n] == fn.__doc__.strip().splitlines()[0] for n, fn in STAGES.items())
+    probe = ("import sys; from pailitao.cli import build_parser; build_parser().format_help(); "
+             "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    assert out.stdout.strip() == "[]"
