@@ -9,7 +9,6 @@ served embedder's top-N), calibration, the online A/B analysis of the serving ev
 self-contained HTML report; every metric goes to MLflow and to metrics.json."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from PIL import Image
 from data.schema import Catalog
 from evaluation import promotion
 from evaluation.calibration import expected_calibration_error
-from evaluation.compare import bootstrap_mean_ci, compare, proportion_ci, two_proportion_test
+from evaluation.compare import bootstrap_mean_ci, compare, percent_ci, proportion_ci, two_proportion_test
 from evaluation.metrics import latency_summary, per_query_metrics
 from evaluation.report import GalleryQuery, ReportData, render_report
 from evaluation.retrieval import cached_gallery, encode_queries
@@ -101,8 +100,8 @@ def _summaries(pq: pd.DataFrame, cfg: dict) -> dict:
     out = {}
     for noise, part in [("all", pq)] + sorted(pq.groupby("noise")):
         for m in METRICS:
-            mean, lo, hi = bootstrap_mean_ci(part[m].to_numpy(dtype=float), cfg["bootstrap"], cfg["alpha"])
-            out.setdefault(m, {})[noise] = {"value": 100 * mean, "ci_low": 100 * lo, "ci_high": 100 * hi}
+            out.setdefault(m, {})[noise] = percent_ci(*bootstrap_mean_ci(part[m].to_numpy(dtype=float),
+                                                                         cfg["bootstrap"], cfg["alpha"]))
     return out
 
 
@@ -214,7 +213,7 @@ def _rerank_arms(params: dict, cfg: dict) -> dict:
     arms = {"none": (None, rs.prf(v_run)[1])}
     for kind in ("point", "list"):
         d = paths.asset(rs.RERANK_ASSETS[kind]) / "model"
-        arms[kind] = (rs.build_reranker(params, kind), json.loads((d / rs.THRESHOLD_FILE).read_text()))
+        arms[kind] = (rs.build_reranker(params, kind), read_json(d / rs.THRESHOLD_FILE))
     out = {}
     for name, (ranker, thr) in arms.items():
         run = rs.run_reranker(ranker, test, root, cands, gallery, block=1)   # one query at a time, as served

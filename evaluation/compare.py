@@ -138,6 +138,11 @@ def bootstrap_ratio_ci(num, den, n_boot: int = 2000, alpha: float = 0.05,
     return float(a.sum() / b.sum()), float(lo), float(hi)
 
 
+def percent_ci(value: float, lo: float, hi: float) -> dict:
+    """A fraction and its interval as the report's record: {value, ci_low, ci_high} in percent."""
+    return {"value": 100 * value, "ci_low": 100 * lo, "ci_high": 100 * hi}
+
+
 def proportion_ci(successes: int, trials: int, alpha: float = 0.05) -> tuple[float, float, float]:
     """(p, lo, hi) with the Wilson score interval, which, unlike the Wald interval, stays inside [0, 1]
     and keeps near-nominal coverage for small counts and CTRs near 0. trials == 0 -> nans."""

@@ -7,6 +7,7 @@ renderer takes plain data (numbers, DataFrames, file paths) so it can be tested 
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import os
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 from PIL import Image, ImageOps
 
+from data.images import to_rgb_on_white
 from evaluation.calibration import expected_calibration_error, reliability
 
 THUMB_PX = 96
@@ -90,12 +92,8 @@ def thumbnail(path) -> str | None:
         return None
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGBA")
-            bg = Image.new("RGB", im.size, "white")
-            bg.paste(im, mask=im.getchannel("A"))
-            bg.thumbnail((THUMB_PX, THUMB_PX))
             buf = io.BytesIO()
-            bg.save(buf, format="JPEG", quality=85)
+            to_rgb_on_white(ImageOps.exif_transpose(im), THUMB_PX).save(buf, format="JPEG", quality=85)
     except (OSError, ValueError):
         return None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -184,22 +182,22 @@ def _table(df: pd.DataFrame) -> str:
                                                float_format="{:.4g}".format) + "</div>")
 
 
-def _thumb(path, tip: str, level=None, cache=None) -> str:
+def _thumb(path, tip: str, level=None, encode=thumbnail) -> str:
     cls = "t" + {0: " l0", 1: " l1"}.get(level, "")
-    uri = cache.setdefault(path, thumbnail(path)) if cache is not None else thumbnail(path)
+    uri = encode(path)
     if uri is None:
         return f'<span class="{cls} ph" title="{esc(tip)} (image missing)"></span>'
     return f'<img class="{cls}" src="{uri}" alt="{esc(tip)}" title="{esc(tip)}">'
 
 
 def _gallery(queries: list[GalleryQuery]) -> str:
-    cache: dict = {}
+    encode = functools.cache(thumbnail)   # each image once, however many variants show it
     rows = []
     for q in queries:
-        cells = [f'<div class="q">{_thumb(q.query_image, q.query_text or q.query_id, cache=cache)}<br>'
+        cells = [f'<div class="q">{_thumb(q.query_image, q.query_text or q.query_id, encode=encode)}<br>'
                  f'<b>{esc(q.query_id)}</b> [{esc(q.noise_level)}]<br>{esc(q.query_text)}</div>']
         for name, results in q.variants.items():
-            thumbs = "".join(_thumb(r.get("image"), r.get("title", ""), r.get("level"), cache)
+            thumbs = "".join(_thumb(r.get("image"), r.get("title", ""), r.get("level"), encode)
                              for r in results[:5])
             cells.append(f'<div class="v"><b>{esc(name)}</b><div>{thumbs}</div></div>')
         rows.append(f'<div class="grow">{"".join(cells)}</div>')

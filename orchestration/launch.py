@@ -63,8 +63,9 @@ def run_job(profile: str | None, dataset: str | None) -> int:
             e = ev.event_specific_data
             if not e.passed:
                 console.print(f"[yellow]check {e.check_name}: {e.description}[/yellow]")
-    if decisions(result):
-        console.print("\n" + decisions(result))
+    closing = decisions(result)
+    if closing:
+        console.print("\n" + closing)
     console.print("\nOpen the Dagster UI:  [bold]make ui[/bold]         -> http://127.0.0.1:3000 "
                   "(this run is in its Runs tab)\n"
                   "Open the MLflow UI:   [bold]make mlflow-ui[/bold]  -> http://127.0.0.1:5000\n"

@@ -7,7 +7,6 @@ by P(yes). Both set Candidate.rerank_score and the calibrated Candidate.p_instan
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from evaluation.calibration import Calibrator
+from pailitao.io import read_json
 from retrieval.merge import assign_chunks, merge
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
 
@@ -137,7 +137,7 @@ def load_reranker(model_dir: str | Path, cfg: dict | None = None, mode: str | No
     lacks (all of them for cfg=None, as in the registered pyfunc) come from the checkpoint's
     inference.json, the settings it was validated and calibrated with."""
     saved = Path(model_dir) / INFERENCE_FILE
-    cfg = {**(json.loads(saved.read_text()) if saved.is_file() else {}), **(cfg or {})}
+    cfg = {**(read_json(saved) if saved.is_file() else {}), **(cfg or {})}
     missing = [k for k in INFERENCE_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"{model_dir}: no {INFERENCE_FILE} and no {missing} given: cannot build the reranker")

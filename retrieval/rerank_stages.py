@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from data.schema import Catalog
 from evaluation.calibration import expected_calibration_error, fit_calibrator
-from evaluation.compare import bootstrap_ratio_ci
+from evaluation.compare import bootstrap_ratio_ci, percent_ci
 from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval_report
 from evaluation.retrieval import encode_queries
 from pailitao.config import Paths, fingerprint
@@ -183,8 +183,7 @@ def prf_by_group(run: dict, thresholds: dict, groups, n_boot: int = 2000, alpha:
         for g in ["all", *sorted(set(groups.tolist()))]:
             m = np.ones(len(groups), bool) if g == "all" else groups == g
             for stat, num, den in (("P", tp, n_pred), ("R", tp, n_pos), ("F1", 2 * tp, n_pred + n_pos)):
-                v, lo, hi = bootstrap_ratio_ci(num[m], den[m], n_boot, alpha)
-                out.setdefault(f"{name}_{stat}", {})[g] = {"value": 100 * v, "ci_low": 100 * lo, "ci_high": 100 * hi}
+                out.setdefault(f"{name}_{stat}", {})[g] = percent_ci(*bootstrap_ratio_ci(num[m], den[m], n_boot, alpha))
     return out
 
 
