@@ -57,6 +57,7 @@ class MemoScores:
 
 def test_set(params: dict, per_level: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(test queries, their top-N candidates from the served embedder with levels, gallery)."""
+    from data.queries import image_queries
     from data.schema import Catalog
     from evaluation.retrieval import encode_queries
     from retrieval.pipeline import load_embedder, resolve_model
@@ -65,7 +66,7 @@ def test_set(params: dict, per_level: int) -> tuple[pd.DataFrame, pd.DataFrame, 
     paths = Paths.from_params(params)
     catalog = Catalog.load(paths.asset("validated_catalog"))
     _, gallery, g_emb, _ = rs.served_gallery(params)
-    qs = pd.read_parquet(paths.asset("query_sets") / "queries.parquet")
+    qs = image_queries(pd.read_parquet(paths.asset("query_sets") / "queries.parquet"))
     q = qs[qs["split"] == "test"].groupby("level", group_keys=False).head(per_level).reset_index(drop=True)
     emb = encode_queries(load_embedder(resolve_model(params)), q, paths.asset("query_sets"), params["model"]["served_dim"])
     cands = rd.label(rd.retrieve(emb, gallery, g_emb, q["query_id"], params["serving"]["candidates"]), q, catalog.items)

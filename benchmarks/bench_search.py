@@ -87,10 +87,11 @@ def synthetic_index(n: int, dim: int, params: dict, root: Path) -> tuple[Path, P
 
 
 def queries(params: dict, limit: int) -> list[tuple[bytes | None, str | None]]:
+    from data.queries import image_queries
     from pailitao.config import Paths
 
     root = Paths.from_params(params).asset("query_sets")
-    q = pd.read_parquet(root / "queries.parquet")
+    q = image_queries(pd.read_parquet(root / "queries.parquet"))   # the photo queries measured before
     q = q[q["split"] == "test"].sample(frac=1.0, random_state=0).head(limit)
     return [((root / r.image).read_bytes() if isinstance(r.image, str) else None,
              r.text if isinstance(r.text, str) else None) for r in q.itertuples()]

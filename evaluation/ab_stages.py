@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from data.queries import image_queries
 from data.schema import Catalog
 from evaluation import promotion
 from evaluation.calibration import expected_calibration_error
@@ -45,7 +46,8 @@ PRF = ("_P", "_R", "_F1")   # instance_/concept_ precision, recall, F1 keys in a
 def _queries(params: dict, split: str, per_level: int) -> pd.DataFrame:
     """Up to per_level queries of each noise level of `split`. A small catalog whose own queries
     (a manifest's queries.csv) fall in other splits is evaluated on those, with a warning."""
-    q = pd.read_parquet(Paths.from_params(params).asset("query_sets") / "queries.parquet")
+    # the photo query sets only: the gate's numbers stay comparable across query_sets versions
+    q = image_queries(pd.read_parquet(Paths.from_params(params).asset("query_sets") / "queries.parquet"))
     for s in (split, "test" if split == "val" else "val", None):
         sel = q if s is None else q[q["split"] == s]
         if len(sel):

@@ -1,5 +1,6 @@
 """Offline retrieval evaluation of an embedder: the whole catalog is the gallery (exact inner-product
-search), queries come from query_sets, levels from the catalog judgments, metrics per noise level."""
+search), queries come from query_sets, levels from the catalog judgments, metrics per query group
+(noise level, or the text / image_text sets of shopper words)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,7 @@ import pandas as pd
 from PIL import Image
 
 from data.judgments import relevance
+from data.queries import GIVEN, IMAGE
 from data.schema import CATALOG_VIEW, Catalog
 from evaluation.metrics import retrieval_report
 
@@ -76,16 +78,28 @@ def rank_items(q_emb: np.ndarray, g: pd.DataFrame, g_emb: np.ndarray, k: int = T
     return out
 
 
+def query_groups(queries: pd.DataFrame) -> pd.Series:
+    """The label a query is reported under: its level (clean / mild / hard / text / image_text), and
+    for a manifest's own queries (level given) what they carry, so photos and words are not averaged
+    together: given, given-text, given-image_text."""
+    level = queries["level"].astype(object).reset_index(drop=True)
+    if "modality" not in queries:
+        return level
+    modality = queries["modality"].astype(object).reset_index(drop=True)
+    split = (level == GIVEN) & (modality != IMAGE)
+    return level.where(~split, level + "-" + modality)
+
+
 def evaluate(embedder, catalog: Catalog, queries: pd.DataFrame, query_root: Path, dim: int,
              gallery_cache: tuple[pd.DataFrame, np.ndarray] | None = None) -> pd.DataFrame:
-    """retrieval_report per noise level (+ 'all') for these queries against the whole catalog
-    (an empty frame when there are no queries)."""
+    """retrieval_report per query group (query_groups, + 'all') for these queries against the whole
+    catalog (an empty frame when there are no queries)."""
     if queries.empty:
         return pd.DataFrame(index=pd.Index([], name="group"))
     g, g_emb = gallery_cache or encode_gallery(embedder, catalog, dim)
     ranked = rank_items(encode_queries(embedder, queries, query_root, dim), g, g_emb)
     return retrieval_report(ranked_levels(ranked, queries, catalog), queries["n_instance"].to_numpy(),
-                            queries["n_concept"].to_numpy(), ks=(1, 5, 10), groups=queries["level"].reset_index(drop=True))
+                            queries["n_concept"].to_numpy(), ks=(1, 5, 10), groups=query_groups(queries))
 
 
 def ranked_levels(ranked: np.ndarray, queries: pd.DataFrame, catalog: Catalog) -> np.ndarray:

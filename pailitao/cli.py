@@ -90,6 +90,7 @@ def cmd_ab(args) -> int:
     import pandas as pd
     from fastapi.testclient import TestClient
 
+    from data.queries import image_queries
     from data.schema import Catalog
     from pailitao.config import Paths
     from serving.app import create_app
@@ -97,7 +98,7 @@ def cmd_ab(args) -> int:
     cfg = deep_merge(params["ab"]["simulate"], {k: v for k, v in vars(args).items()
                                                  if k in ("queries", "users", "seed") and v is not None})
     paths = Paths.from_params(params)
-    q = pd.read_parquet(paths.asset("query_sets") / "queries.parquet")
+    q = image_queries(pd.read_parquet(paths.asset("query_sets") / "queries.parquet"))   # same sample as before text queries
     q = q[q["split"] == cfg["split"]]
     items = Catalog.load(paths.asset("validated_catalog")).items
     with TestClient(create_app(params)) as client:   # in-process: no port, same code path as HTTP

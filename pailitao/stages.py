@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image
 
 from data.ingest import build_catalog
-from data.queries import build_query_sets
+from data.queries import build_query_sets, image_queries
 from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError
 from data.sources import load_source
 from data.splits import assign_splits
@@ -200,8 +200,8 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
         write_parquet(queries, tmp / "queries.parquet")
         write_parquet(qrels, tmp / "qrels.parquet")
         write_json({"fingerprint": catalog.meta["fingerprint"], "queries": len(queries)}, tmp / "meta.json")
-        if queries["source_image_id"].notna().any():
-            sample_grid(queries, tmp, catalog).save(tmp / "preview.png")
+        if queries["source_image_id"].notna().any():   # the grid shows the photo query sets
+            sample_grid(image_queries(queries), tmp, catalog).save(tmp / "preview.png")
     counts = queries.groupby(["split", "level"]).size()
     metrics = {f"{s}_{lv}": int(c) for (s, lv), c in counts.items()}
     metrics.update(queries=len(queries), with_text=int(queries["text"].notna().sum()),
@@ -210,7 +210,7 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
     preview = out / "preview.png"
     if preview.is_file():
         md["sample_queries"] = ("Columns: held-out instances. Rows: catalog image, then "
-                                + ", ".join(dict.fromkeys(queries["level"])) + ".\n\n"
+                                + ", ".join(dict.fromkeys(image_queries(queries)["level"])) + ".\n\n"
                                 + f"![sample queries](data:image/png;base64,"
                                 + base64.b64encode(preview.read_bytes()).decode() + ")")
     res = StageResult("query_sets", out, metrics=metrics, info={"fingerprint": catalog.meta["fingerprint"]},

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
+from data.queries import image_queries
 from data.schema import Catalog
 from evaluation.calibration import expected_calibration_error, fit_calibrator
 from evaluation.compare import bootstrap_ratio_ci, percent_ci
@@ -73,7 +74,7 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
         own = gallery.drop_duplicates("item_id")   # an item's first catalog image
         positives = queries[["query_id", "item_id"]].merge(own[["item_id", "image_id"]], on="item_id")
         chunks = rd.training_chunks(cands, cfg["chunk_size"], cfg["instance_share"], params["seed"], positives)
-        val = pd.read_parquet(qs_root / "queries.parquet")
+        val = image_queries(pd.read_parquet(qs_root / "queries.parquet"))   # the reranker compares photos
         val = val[val["split"] == "val"].groupby("level", group_keys=False).head(cfg["val_queries"]).reset_index(drop=True)
         val_cands = rd.label(rd.retrieve(encode_queries(embedder, val, qs_root, dim), gallery, g_emb,
                                          val["query_id"], n), val, catalog.items)

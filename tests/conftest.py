@@ -195,3 +195,23 @@ def image_bytes(im, fmt: str = "PNG") -> bytes:
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_query_sets(tmp_path_factory):
+    """The tiny profile's synthetic catalog, its splits and its rendered query sets, built once with
+    the domain functions (no stage, no MLflow): (params, catalog, splits, queries, query root)."""
+    from types import SimpleNamespace
+
+    from data.ingest import build_catalog
+    from data.queries import build_query_sets
+    from data.sources import load_source
+    from data.splits import assign_splits
+    from pailitao.config import Paths
+
+    root = tmp_path_factory.mktemp("tiny_query_sets")
+    params = load_params("tiny", {"workdir": str(root / "work")})
+    catalog = build_catalog(load_source(params, Paths.from_params(params)), root / "catalog", params)
+    splits = assign_splits(catalog.items, params["splits"], params["seed"])
+    queries, _ = build_query_sets(catalog, splits, params, root / "queries")
+    return SimpleNamespace(params=params, catalog=catalog, splits=splits, queries=queries, root=root / "queries")

@@ -45,7 +45,7 @@ def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
     assert done.index("embedding_promotion") < done.index("item_embeddings") and done[-1] == "ab_report"
     assert all(c.passed for n, c in checks.items() if n != "duplicate_images")
     queries = pd.read_parquet(tmp_path / "work/data/processed/query_sets/queries.parquet")
-    assert set(queries["level"]) == {"clean", "mild", "hard"} and set(queries["split"]) == {"val", "test"}
+    assert set(queries["level"]) == {"clean", "mild", "hard", "text", "image_text"} and set(queries["split"]) == {"val", "test"}
     meta = {ev.event_specific_data.materialization.asset_key.to_user_string():
             ev.event_specific_data.materialization.metadata
             for ev in result.get_asset_materialization_events()}

@@ -151,6 +151,40 @@ def _qwen_forward(model, input_ids: Tensor, attention_mask: Tensor, mm_token_typ
     return model(**kwargs).last_hidden_state
 
 
+def _qwen3_mrope_section(head_dim: int) -> list[int]:
+    """Qwen3-VL's interleaved M-RoPE split of head_dim/2 frequencies: (t, h, w) = (24, 20, 20) at
+    head_dim 128, h and w taking every third frequency from 1 and 2 (so 3 * h <= head_dim/2)."""
+    half = head_dim // 2
+    hw = half * 20 // 64
+    return [half - 2 * hw, hw, hw]
+
+
+def _qwen3_vl_config(p: dict, vocab: int, ids: dict):
+    """Qwen3-VL from a preset. Unlike Qwen2(.5)-VL: explicit head_dim, interleaved M-RoPE in
+    rope_parameters, q/k norms, and a vision tower with learned (interpolated) position embeddings
+    and DeepStack: the merged features of `deepstack_indexes` vision blocks are added at the image
+    tokens after the first decoder layers (default: blocks d/4-1, d/2-1, 3d/4-1, as Qwen3-VL-2B/4B:
+    5, 11, 17 of 24). Upstream uses patch_size 16: set it in a Qwen3-VL preset (from_params' image
+    processor reads the same key, default 14). The forward call is Qwen2-VL's (_qwen_forward):
+    Qwen3VLModel takes the same inputs and does DeepStack and its rope index itself."""
+    from transformers import Qwen3VLConfig
+    text = _text_config(p, vocab, ids)
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    del text["rope_scaling"]
+    text.update(head_dim=head_dim, rope_parameters={
+        "rope_type": "default", "rope_theta": float(p.get("rope_theta", 5_000_000)),
+        "mrope_section": _qwen3_mrope_section(head_dim), "mrope_interleaved": True})
+    depth = int(p["vision_depth"])
+    deepstack = p.get("deepstack_indexes") or sorted({depth * k // 4 - 1 for k in (1, 2, 3)} - {-1})
+    vision = dict(_vision_common(p), hidden_size=int(p["vision_dim"]), out_hidden_size=int(p["hidden"]),
+                  intermediate_size=int(p["vision_dim"]) * int(p.get("vision_mlp_ratio", 4)),
+                  num_position_embeddings=int(p.get("vision_positions", 2304)),   # a square (48 x 48)
+                  deepstack_visual_indexes=[int(i) for i in deepstack])
+    return Qwen3VLConfig(text_config=text, vision_config=vision,
+                         image_token_id=ids["image"], video_token_id=ids["video"],
+                         vision_start_token_id=ids["vision_start"], vision_end_token_id=ids["vision_end"])
+
+
 @dataclass(frozen=True)
 class Family:
     """The family-specific bits of a VLM backbone."""
@@ -161,10 +195,17 @@ class Family:
     build_config: Callable[[dict, int, dict], Any]     # (preset, vocab, token ids) -> config
     image_tokens: Callable[[Any, Tensor], list[int]]   # (config, image_grid_thw) -> tokens per image
     forward: Callable[..., Tensor]                     # (model, ids, mask, mm types, pixels, grid) -> hidden
+    module: str = "transformers"                       # where the model classes live
+    image_processor_name: str = "Qwen2VLImageProcessorPil"
+    lm_class_name: str | None = None                   # with an LM head (the reranker); None: see reranker.LM_CLASSES
 
     def model_class(self) -> type:
-        import transformers
-        return getattr(transformers, self.model_class_name)
+        import importlib
+        return getattr(importlib.import_module(self.module), self.model_class_name)
+
+    def image_processor_class(self) -> type:
+        import importlib
+        return getattr(importlib.import_module(self.module), self.image_processor_name)
 
 
 FAMILIES: dict[str, Family] = {
@@ -172,7 +213,30 @@ FAMILIES: dict[str, Family] = {
                        _qwen_image_tokens, _qwen_forward),
     "qwen2_5_vl": Family("qwen2_5_vl", "qwen2_5_vl", "Qwen2_5_VLModel", _qwen2_5_vl_config,
                          _qwen_image_tokens, _qwen_forward),
+    "qwen3_vl": Family("qwen3_vl", "qwen3_vl", "Qwen3VLModel", _qwen3_vl_config,
+                       _qwen_image_tokens, _qwen_forward),
 }
+
+
+def _vl_config(p: dict, vocab: int, ids: dict):
+    raise ValueError("the pailitao_vl family is built from packaged weights (model.preset: packaged, "
+                     "training/pretrained.py), not from a size preset")
+
+
+def _vl_image_tokens(config, image_grid_thw: Tensor) -> list[int]:
+    """A fixed number of pooled tokens per image."""
+    return [int(config.image_grid) ** 2] * int(image_grid_thw.shape[0])
+
+
+def _vl_forward(model, input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Tensor,
+                pixel_values: Tensor | None, image_grid_thw: Tensor | None) -> Tensor:
+    return model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values).last_hidden_state
+
+
+# the packaged pretrained base (training/vlm.py): vision tower -> pooled tokens -> projector -> SmolLM2
+FAMILIES["pailitao_vl"] = Family("pailitao_vl", "pailitao_vl", "PailitaoVLModel", _vl_config, _vl_image_tokens,
+                                 _vl_forward, module="training.vlm", image_processor_name="PailitaoVLImageProcessor",
+                                 lm_class_name="PailitaoVLForConditionalGeneration")
 
 
 def _family(name: str) -> Family:
@@ -263,6 +327,10 @@ class MLLMEmbedder(nn.Module):
         preset `pretrained`: load model_params["pretrained"] (a local directory)."""
         preset = model_params.get("preset")
         family = _family(model_params.get("family", "qwen2_vl"))
+        if preset == "packaged":   # pretrained weights shipped in pip packages (the lineage's base_model)
+            from training.pretrained import build_base_model
+            return build_base_model(model_params.get("base") or {}, int(model_params.get("max_text_tokens", 24)),
+                                    model_params.get("mrl_dims"))
         if preset == "pretrained":
             path = model_params.get("pretrained")
             if not path:
@@ -271,7 +339,7 @@ class MLLMEmbedder(nn.Module):
         presets = model_params.get("presets") or {}
         if preset not in presets:
             raise ValueError(f"unknown model preset {preset!r}; choose one of "
-                             f"{sorted(list(presets) + ['pretrained'])}")
+                             f"{sorted(list(presets) + ['pretrained', 'packaged'])}")
         p = presets[preset]
         tokenizer = build_tokenizer(list(titles), int(p["vocab"]))
         conv = tokenizer.convert_tokens_to_ids
@@ -294,7 +362,9 @@ class MLLMEmbedder(nn.Module):
         directory (its tokenizer gets <|EMB|> added; embeddings are resized when needed).
         `model_params` (optional) may override max_text_tokens, dtype and, via
         presets.pretrained.{min_pixels,max_pixels}, the image resolution."""
-        from transformers import AutoConfig, AutoTokenizer, Qwen2VLImageProcessorPil
+        from transformers import AutoConfig, AutoTokenizer
+
+        import training.vlm  # noqa: F401  (registers the pailitao_vl config with AutoConfig)
 
         path = Path(path).expanduser()
         if not path.is_dir():
@@ -308,13 +378,13 @@ class MLLMEmbedder(nn.Module):
         dtype = _dtype(mp.get("dtype")) or torch.float32
         model = family.model_class().from_pretrained(path, config=config, dtype=dtype, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+        image_processor = family.image_processor_class().from_pretrained(path, local_files_only=True)
         over = (mp.get("presets") or {}).get("pretrained") or {}
-        if over.get("min_pixels") or over.get("max_pixels"):
-            image_processor = _image_processor(
-                over.get("min_pixels", image_processor.size["shortest_edge"]),
-                over.get("max_pixels", image_processor.size["longest_edge"]),
-                image_processor.patch_size, image_processor.merge_size)
+        if family.name != "pailitao_vl" and (over.get("min_pixels") or over.get("max_pixels")):
+            # change the pixel budget only: reload with it, so the checkpoint's own mean/std, patch and
+            # merge size stay (a fresh _image_processor() had CLIP mean/std: wrong for Qwen3-VL's 0.5)
+            image_processor = family.image_processor_class().from_pretrained(
+                path, local_files_only=True, **{k: int(over[k]) for k in ("min_pixels", "max_pixels") if over.get(k)})
         if EMB_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([EMB_TOKEN], special_tokens=True)
             emb = model.get_input_embeddings()

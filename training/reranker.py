@@ -45,7 +45,8 @@ CALIBRATION_FILE = "calibration.json"
 # the absolute scorer's input: the paper's [z0 || zi], or with the matching features |z0 - zi| and
 # z0 * zi (InferSent-style) that a small MLP cannot easily form from the concatenation alone
 SCORER_INPUTS = {"concat": 2, "interact": 4}
-LM_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+LM_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+              "qwen3_vl": "Qwen3VLForConditionalGeneration"}
 
 Doc = tuple  # (PIL image or None, text or None, cache key or None)
 

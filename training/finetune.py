@@ -1,0 +1,57 @@
+"""What trains in a pretrained backbone (params `model.finetune`): LoRA adapters on the decoder
+(peft), the projector in full, the vision tower only when unfrozen. Adapters are merged into the
+weights before a checkpoint is saved, so every saved model is a plain transformers checkpoint that
+the next stage, the registry and the service load without peft."""
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+log = logging.getLogger(__name__)
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def prepare_for_training(model: nn.Module, cfg: dict | None) -> dict:
+    """Apply `cfg` (method: full | lora; lora_r, lora_alpha, lora_dropout, lora_targets,
+    train_embeddings) to a PailitaoVLModel in place; other models train in full. Returns counts."""
+    cfg = cfg or {}
+    method = cfg.get("method", "full")
+    if method not in ("full", "lora"):
+        raise ValueError(f"model.finetune.method {method!r}: use 'full' or 'lora'")
+    lm = getattr(model, "language_model", None)
+    if method == "lora" and lm is not None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lm.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=int(cfg.get("lora_r", 16)), lora_alpha=int(cfg.get("lora_alpha", 32)),
+                                           lora_dropout=float(cfg.get("lora_dropout", 0.0)),
+                                           target_modules=list(cfg.get("lora_targets") or DEFAULT_TARGETS)), lm)
+        if cfg.get("train_embeddings", False):
+            lm.get_input_embeddings().requires_grad_(True)
+        lm.norm.requires_grad_(True)   # a few hundred numbers: lets the output scale adapt
+    if hasattr(model, "freeze_vision"):
+        model.freeze_vision(bool(model.config.freeze_vision))
+    counts = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "total_parameters": sum(p.numel() for p in model.parameters())}
+    log.info("finetune %s: %d of %d parameters train", method, counts["trainable_parameters"],
+             counts["total_parameters"])
+    return counts
+
+
+def merge_adapters(model: nn.Module) -> int:
+    """Fold every LoRA adapter into its base layer and put the plain layer back. Returns how many."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+            merged += 1
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if hasattr(model, "freeze_vision"):
+        model.freeze_vision(bool(model.config.freeze_vision))
+    return merged

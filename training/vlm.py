@@ -1,0 +1,330 @@
+"""Pailitao-VL base model: a pretrained vision tower -> image tokens pooled to a fixed grid -> MLP
+projector -> a pretrained causal decoder (Llama architecture), as a real transformers model.
+
+It is what a Qwen-VL checkpoint is, built from parts that install offline (training/pretrained.py
+converts them once): the tower's feature map is average-pooled to `image_grid` x `image_grid`
+tokens that replace the `<|image_pad|>` placeholders of the chat prompt, so the MLLM2vec prompt,
+`<|EMB|>` pooling, the reranker's indexed chunks and the absolute scorer work unchanged.
+
+A frozen tower (`freeze_vision`, the CPU default) is never trained and stays in eval mode (its
+batch-norm statistics are the pretrained ones); its pooled features are cached by pixel content,
+in memory and, when :func:`use_feature_cache` names a directory, on disk: catalog images and the
+seeded noisy training views are encoded by the tower once across all stages.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+MODEL_TYPE = "pailitao_vl"
+FEATURE_CACHE_ENV = "PAILITAO_FEATURE_CACHE"
+PROCESSOR_FILE = "preprocessor_config.json"
+
+
+# ------------------------------------------------------------------------------------------ config
+
+class PailitaoVLConfig(PreTrainedConfig):
+    model_type = MODEL_TYPE
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_tower: str = "efficientnet_lite0"   # a key of VISION_TOWERS
+    vision_layer: int | None = None            # dinov2: hidden state of this block (None = the last)
+    image_size: int = 224
+    image_grid: int = 2                        # image tokens per image = image_grid ** 2
+    freeze_vision: bool = True
+    image_token_id: int = 0
+    video_token_id: int = 0
+    vision_start_token_id: int = 0
+    vision_end_token_id: int = 0
+    tie_word_embeddings: bool = False          # the reranker's LM head starts as a copy, then trains apart
+
+    @property
+    def image_tokens(self) -> int:
+        return int(self.image_grid) ** 2
+
+
+# ----------------------------------------------------------------------------------- vision towers
+
+class EfficientNetTower(nn.Module):
+    """EfficientNet-Lite0 (ImageNet-1k): the 1280-channel map before the classifier."""
+
+    channels, mean, std = 1280, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)   # (x - 127.5) / 127.5
+
+    def __init__(self, config: PailitaoVLConfig):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+        self.net = EfficientNet.from_name("efficientnet-lite0", image_size=int(config.image_size))
+        self.net._fc = nn.Identity()   # classifier unused: only extract_features runs
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        return self.net.extract_features(pixel_values)
+
+
+class Dinov2Tower(nn.Module):
+    """DINOv2 ViT-S/14: patch tokens of one block's hidden state as a map (the last blocks of the
+    packaged model were tuned for saliency, so an earlier block can retrieve instances better)."""
+
+    channels, mean, std = 384, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, config: PailitaoVLConfig):
+        super().__init__()
+        from transformers import Dinov2Model
+
+        from training.dinov2_onnx import dinov2_config
+        self.net = Dinov2Model(dinov2_config())
+        self.layer = config.vision_layer
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        out = self.net(pixel_values=pixel_values, output_hidden_states=self.layer is not None)
+        h = out.last_hidden_state if self.layer is None else out.hidden_states[int(self.layer)]
+        patches = h[:, 1:]                                  # drop CLS: the grid is what gets pooled
+        side = int(round(patches.shape[1] ** 0.5))
+        return patches.transpose(1, 2).reshape(h.shape[0], h.shape[-1], side, side)
+
+
+VISION_TOWERS = {"efficientnet_lite0": EfficientNetTower, "dinov2_s14": Dinov2Tower}
+
+
+def vision_tower_class(name: str):
+    if name not in VISION_TOWERS:
+        raise ValueError(f"unknown vision tower {name!r}; choose one of {sorted(VISION_TOWERS)}")
+    return VISION_TOWERS[name]
+
+
+# ----------------------------------------------------------------------------------- feature cache
+
+_CACHE_DIR: Path | None = None
+
+
+def use_feature_cache(path: str | os.PathLike | None) -> None:
+    """Keep frozen-tower features on disk under `path` (None: memory only). Also read from the
+    environment (PAILITAO_FEATURE_CACHE) so worker processes inherit it."""
+    global _CACHE_DIR
+    _CACHE_DIR = Path(path) if path else None
+    if path:
+        os.environ[FEATURE_CACHE_ENV] = str(path)
+    else:
+        os.environ.pop(FEATURE_CACHE_ENV, None)
+
+
+def _cache_dir() -> Path | None:
+    return _CACHE_DIR or (Path(os.environ[FEATURE_CACHE_ENV]) if os.environ.get(FEATURE_CACHE_ENV) else None)
+
+
+class FeatureCache:
+    """Pooled tower features [T, C] (float16) keyed by the tower's identity and the pixels."""
+
+    def __init__(self, capacity: int = 50000):
+        self.mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.capacity = capacity
+
+    def get(self, key: str) -> np.ndarray | None:
+        if key in self.mem:
+            self.mem.move_to_end(key)
+            return self.mem[key]
+        root = _cache_dir()
+        if root is not None and (f := root / key[:2] / f"{key}.npy").is_file():
+            try:
+                arr = np.load(f)
+            except (OSError, ValueError):   # a torn file from a killed run: recompute it
+                return None
+            self._remember(key, arr)
+            return arr
+        return None
+
+    def put(self, key: str, arr: np.ndarray) -> None:
+        self._remember(key, arr)
+        root = _cache_dir()
+        if root is not None:
+            d = root / key[:2]
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".{key}.{os.getpid()}.tmp.npy"
+            np.save(tmp, arr)
+            os.replace(tmp, d / f"{key}.npy")   # readers never see half a file
+
+    def _remember(self, key: str, arr: np.ndarray) -> None:
+        self.mem[key] = arr
+        if len(self.mem) > self.capacity:
+            self.mem.popitem(last=False)
+
+
+# ------------------------------------------------------------------------------------------- model
+
+class PailitaoVLPreTrainedModel(PreTrainedModel):
+    config_class = PailitaoVLConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+
+
+class PailitaoVLModel(PailitaoVLPreTrainedModel):
+    def __init__(self, config: PailitaoVLConfig):
+        super().__init__(config)
+        tower_cls = vision_tower_class(config.vision_tower)
+        self.vision_tower = tower_cls(config)
+        dim = int(config.text_config.hidden_size)
+        self.projector = nn.Sequential(nn.LayerNorm(tower_cls.channels), nn.Linear(tower_cls.channels, dim),
+                                       nn.GELU(), nn.Linear(dim, dim))
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.features = FeatureCache()
+        self._tower_id: str | None = None
+        self.post_init()
+        self.freeze_vision(bool(config.freeze_vision))
+
+    def freeze_vision(self, frozen: bool = True) -> None:
+        self.config.freeze_vision = bool(frozen)
+        self.vision_tower.requires_grad_(not frozen)
+        if frozen:
+            self.vision_tower.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.freeze_vision:   # pretrained batch-norm statistics stay as they are
+            self.vision_tower.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def tower_id(self) -> str:
+        """Identity of the frozen tower's weights and pooling (the cache key's prefix)."""
+        if self._tower_id is None:
+            h = hashlib.blake2b(digest_size=8)
+            h.update(json.dumps([self.config.vision_tower, self.config.vision_layer, self.config.image_size,
+                                 self.config.image_grid]).encode())
+            for k, v in sorted(self.vision_tower.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().float().cpu().numpy().tobytes()[:4096])   # a weight sample suffices
+                h.update(str(float(v.detach().float().sum())).encode())
+            self._tower_id = h.hexdigest()
+        return self._tower_id
+
+    def pooled_features(self, pixel_values: Tensor) -> Tensor:
+        """[N, T, C] tower features average-pooled to the image grid (cached when frozen)."""
+        g = int(self.config.image_grid)
+        if not self.config.freeze_vision:
+            fmap = self.vision_tower(pixel_values)
+            return F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2)
+        self.vision_tower.eval()
+        tid = self.tower_id()
+        pv = pixel_values.detach().float().cpu().contiguous()
+        keys = [tid + hashlib.blake2b(p.numpy().tobytes(), digest_size=12).hexdigest() for p in pv]
+        found = [self.features.get(k) for k in keys]
+        todo = [i for i, f in enumerate(found) if f is None]
+        if todo:
+            with torch.no_grad():
+                fmap = self.vision_tower(pixel_values[todo])
+                new = F.adaptive_avg_pool2d(fmap.float(), g).flatten(2).transpose(1, 2)
+            for i, f in zip(todo, new.to(torch.float16).cpu().numpy()):
+                found[i] = f
+                self.features.put(keys[i], f)
+        return torch.from_numpy(np.stack(found)).to(pixel_values.device, torch.float32)
+
+    def get_image_features(self, pixel_values: Tensor) -> Tensor:
+        """[N, T, D] image tokens in the decoder's embedding space."""
+        feats = self.pooled_features(pixel_values)
+        return self.projector(feats.to(self.projector[1].weight.dtype))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, **kwargs) -> BaseModelOutputWithPast:
+        embeds = self.get_input_embeddings()(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None:
+            img = self.get_image_features(pixel_values).to(embeds.dtype)
+            slots = (input_ids == self.config.image_token_id) & (attention_mask != 0)
+            if int(slots.sum()) != img.shape[0] * img.shape[1]:
+                raise ValueError(f"{int(slots.sum())} image placeholder tokens for {img.shape[0]} images of "
+                                 f"{img.shape[1]} tokens each")
+            embeds = embeds.masked_scatter(slots[..., None].expand_as(embeds), img.reshape(-1, img.shape[-1]))
+        if position_ids is None:   # count real tokens only, so left padding does not shift positions
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=False)
+
+
+class PailitaoVLForConditionalGeneration(PailitaoVLPreTrainedModel):
+    """The base model plus an LM head: the generative reranker reads answer-token logits."""
+
+    def __init__(self, config: PailitaoVLConfig):
+        super().__init__(config)
+        self.model = PailitaoVLModel(config)
+        self.lm_head = nn.Linear(int(config.text_config.hidden_size), int(config.text_config.vocab_size), bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def forward(self, input_ids: Tensor, **kwargs):
+        hidden = self.model(input_ids, **kwargs).last_hidden_state
+        return self.lm_head(hidden)
+
+
+AutoConfig.register(MODEL_TYPE, PailitaoVLConfig, exist_ok=True)
+AutoModel.register(PailitaoVLConfig, PailitaoVLModel, exist_ok=True)
+
+
+# --------------------------------------------------------------------------------- image processor
+
+class PailitaoVLImageProcessor:
+    """Pads an image to a square on white (the catalog convention; shapes are not squashed),
+    resizes it to the tower's input size and normalises it. Returns pixel_values [N, 3, S, S] and
+    image_grid_thw [N, 3] of ones (one fixed-size image each: the Qwen-style interface callers use)."""
+
+    def __init__(self, size: int = 224, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5)):
+        self.size = int(size)
+        self.image_mean, self.image_std = [float(x) for x in image_mean], [float(x) for x in image_std]
+
+    @classmethod
+    def for_config(cls, config: PailitaoVLConfig) -> "PailitaoVLImageProcessor":
+        tower = vision_tower_class(config.vision_tower)
+        return cls(config.image_size, tower.mean, tower.std)
+
+    def to_dict(self) -> dict:
+        return {"image_processor_type": type(self).__name__, "size": self.size,
+                "image_mean": self.image_mean, "image_std": self.image_std}
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / PROCESSOR_FILE).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path, **_) -> "PailitaoVLImageProcessor":
+        d = json.loads((Path(path) / PROCESSOR_FILE).read_text())
+        return cls(d["size"], d["image_mean"], d["image_std"])
+
+    def __call__(self, images, return_tensors: str = "pt") -> dict:
+        from training.backbone import _to_rgb
+
+        arr = np.stack([np.asarray(ImageOps.pad(_to_rgb(im), (self.size, self.size), Image.Resampling.BICUBIC,
+                                                color=(255, 255, 255)), dtype=np.float32) for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0
+        mean, std = torch.tensor(self.image_mean)[:, None, None], torch.tensor(self.image_std)[:, None, None]
+        return {"pixel_values": (x - mean) / std, "image_grid_thw": torch.ones(len(arr), 3, dtype=torch.long)}
