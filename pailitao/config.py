@@ -94,5 +94,10 @@ class Paths:
         """Catalog embeddings per (checkpoint, dim, catalog version); see evaluation.retrieval.cached_gallery."""
         return self.processed / ".cache"
 
+    @property
+    def feature_cache(self) -> Path:
+        """Frozen vision-tower features by pixel content (training/vlm.py FeatureCache)."""
+        return self.processed / ".features"
+
     def asset(self, name: str) -> Path:
         return self.processed / name

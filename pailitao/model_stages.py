@@ -16,17 +16,20 @@ from lightning.pytorch.loggers import MLFlowLogger
 from PIL import Image
 
 from data.schema import Catalog
-from evaluation.retrieval import evaluate
+from evaluation.retrieval import cached_gallery, evaluate
 from pailitao.config import Paths, fingerprint
 from pailitao.io import atomic_path, write_json, write_parquet
 from pailitao.registry import log_embedder
 from pailitao.stages import StageResult, _finish
 from pailitao.tracking import start_run, tracking_uri
+from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
+from training.finetune import merge_adapters, prepare_for_training
 from training.data import PairDataset, TrainItems
 from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader
 from training.prototypes import curate, prototype_labels
 from training.sharded_head import ShardedPrototypeHead
+from training.vlm import use_feature_cache
 
 log = logging.getLogger(__name__)
 VAL_LEVELS = ("clean", "hard")   # validation retrieval during the lineage: both ends of the noise range
@@ -35,6 +38,7 @@ VAL_QUERIES = 200                # per level, so validation stays a small share 
 
 def _inputs(params: dict) -> tuple[Paths, Catalog, pd.DataFrame]:
     paths = Paths.from_params(params)
+    use_feature_cache(paths.feature_cache)
     catalog = Catalog.load(paths.asset("validated_catalog"))
     return paths, catalog, pd.read_parquet(paths.asset("splits") / "splits.parquet")
 
@@ -48,14 +52,20 @@ def _work_dir(paths: Paths, stage: str, params: dict, catalog: Catalog) -> Path:
 
 
 def validation_report(embedder: MLLMEmbedder, catalog: Catalog, params: dict, split: str = "val",
-                      levels=VAL_LEVELS, per_level: int | None = VAL_QUERIES) -> pd.DataFrame:
-    root = Paths.from_params(params).asset("query_sets")
+                      levels=VAL_LEVELS, per_level: int | None = VAL_QUERIES,
+                      model_dir: Path | None = None) -> pd.DataFrame:
+    """Retrieval on the validation queries; with `model_dir` (the saved checkpoint) the catalog pass
+    goes through the gallery cache, so the promotion gate and item_embeddings reuse it."""
+    paths = Paths.from_params(params)
+    root = paths.asset("query_sets")
     q = pd.read_parquet(root / "queries.parquet")
     q = q[(q["split"] == split) & q["level"].isin(levels)]
     if per_level:
         q = q.groupby("level", group_keys=False).head(per_level)
-    return evaluate(embedder, catalog, q.reset_index(drop=True), root,
-                    params["model"]["served_dim"]).reset_index()
+    dim = params["model"]["served_dim"]
+    cache = cached_gallery(paths.gallery_cache, model_fingerprint(model_dir), lambda: embedder, catalog, dim) \
+        if model_dir is not None and len(q) else None
+    return evaluate(embedder, catalog, q.reset_index(drop=True), root, dim, gallery_cache=cache).reset_index()
 
 
 def _report_metrics(report: pd.DataFrame, prefix: str = "val") -> dict:
@@ -68,7 +78,7 @@ def _report_metrics(report: pd.DataFrame, prefix: str = "val") -> dict:
 
 
 def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str | None,
-           init: Path | None) -> StageResult:
+           init: Path, lr: float) -> StageResult:
     paths, catalog, splits = _inputs(params)
     out = paths.asset(stage)
     items = TrainItems.from_catalog(catalog, splits)
@@ -91,11 +101,9 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
         index = {g: i for i, g in enumerate(groups)}
         labels = dict(zip(items.table["item_id"], items.table["group_id"].map(index)))
     L.seed_everything(params["seed"], workers=True)   # model init and sampling are reproducible
-    embedder = MLLMEmbedder.from_pretrained(init) if init else \
-        MLLMEmbedder.from_params(params["model"], items.table["title"].tolist())
+    embedder = MLLMEmbedder.from_pretrained(init)
+    extra.update(prepare_for_training(embedder.model, params["model"].get("finetune")))
     dataset = PairDataset(items, labels, params)
-    # stages that continue from stage 1 (treatment and control alike) fine-tune at stage3_lr
-    lr = params["train"]["stage3_lr"] if init else params["train"]["lr"]
     module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset, lr=lr)
     work = _work_dir(paths, stage, params, catalog)
     with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id) as run:
@@ -105,10 +113,11 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
         trainer = fit(module, make_loader(dataset, params, neighbours), params, work, steps, logger, callbacks)
         train_s = time.perf_counter() - t0
         samples = steps * params["train"]["batch_size"]
-        report = validation_report(embedder, catalog, params)
+        merge_adapters(embedder.model)   # a plain checkpoint: the next stage and the service need no peft
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
             embedder.save_pretrained(tmp / "model")
+            report = validation_report(embedder, catalog, params, model_dir=tmp / "model")
             write_parquet(report, tmp / "val_report.parquet")
             write_json({"fingerprint": catalog.meta["fingerprint"], "mode": mode, "steps": steps,
                         "init": str(init) if init else None}, tmp / "meta.json")
@@ -153,21 +162,67 @@ def loss_curve_markdown(run_id: str, params: dict) -> str:
     return f"![loss](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})"
 
 
+def base_model(params: dict, dagster_run_id: str | None = None) -> StageResult:
+    """The model every other model starts from: pretrained weights from pip packages, converted once."""
+    paths, catalog, splits = _inputs(params)
+    t0 = time.perf_counter()
+    items = TrainItems.from_catalog(catalog, splits)
+    L.seed_everything(params["seed"], workers=True)
+    mp, info, extra = params["model"], {"preset": params["model"]["preset"]}, {}
+    if mp["preset"] == "packaged":
+        from training.pretrained import build_base_model, parameter_counts, provenance
+
+        calib = items.table.sample(min(len(items), 64), random_state=params["seed"])
+        embedder = build_base_model(mp["base"], int(mp.get("max_text_tokens", 24)), mp.get("mrl_dims"),
+                                    ([Image.open(p).convert("RGB") for p in calib["image"]], calib["title"].tolist()))
+        info["sources"] = provenance(mp["base"])
+        extra = parameter_counts(embedder.model)
+    else:   # a size preset: random init, tokenizer trained on the train titles (the tiny test profile)
+        embedder = MLLMEmbedder.from_params(mp, items.table["title"].tolist())
+        extra = {"total": sum(p.numel() for p in embedder.model.parameters())}
+    build_s = time.perf_counter() - t0
+    out = paths.asset("base_model")
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        embedder.save_pretrained(tmp / "model")
+        # the zero-shot floor, on the validation queries
+        report = validation_report(embedder, catalog, params, model_dir=tmp / "model")
+        write_parquet(report, tmp / "val_report.parquet")
+        write_json({"fingerprint": catalog.meta["fingerprint"], **info, "parameters": extra}, tmp / "meta.json")
+    sources = pd.DataFrame(info.get("sources", []))
+    res = StageResult("base_model", out,
+                      metrics={"build_seconds": round(build_s, 1), **{f"parameters_{k}": v for k, v in extra.items()},
+                               **_report_metrics(report, "zero_shot")},
+                      info={k: v for k, v in info.items() if k != "sources"} | {"fingerprint": catalog.meta["fingerprint"]},
+                      markdown={"sources": sources.to_markdown(index=False) if len(sources) else "_random init_",
+                                "zero_shot": report.to_markdown(index=False, floatfmt=".2f")
+                                if len(report) else "_no validation queries_"})
+    with start_run("base_model", params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        if len(sources):
+            mlflow.log_table(sources, "sources.json")
+        mlflow.log_table(report, "val_report.json")
+        return _finish(res, run)
+
+
 def stage1_embedder(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """Stage 1: MLLM2vec trained with InfoNCE (in-batch + mined hard negatives) and Matryoshka."""
-    return _train("stage1_embedder", params, CONTRASTIVE, params["train"]["stage1_steps"], dagster_run_id, None)
+    init = Paths.from_params(params).asset("base_model") / "model"
+    return _train("stage1_embedder", params, CONTRASTIVE, params["train"]["stage1_steps"], dagster_run_id, init,
+                  params["train"]["lr"])
 
 
 def embedding_model(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """Stage 3: backbone + prototype head, additive angular margin over KNN-sparse negatives."""
     init = Paths.from_params(params).asset("stage1_embedder") / "model"
-    return _train("embedding_model", params, ID, params["train"]["stage3_steps"], dagster_run_id, init)
+    return _train("embedding_model", params, ID, params["train"]["stage3_steps"], dagster_run_id, init,
+                  params["train"]["stage3_lr"])
 
 
 def baseline_embedder(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """The control: stage 1 continued contrastively for the same steps as stage 3 (same budget)."""
     init = Paths.from_params(params).asset("stage1_embedder") / "model"
-    return _train("baseline_embedder", params, CONTRASTIVE, params["train"]["stage3_steps"], dagster_run_id, init)
+    return _train("baseline_embedder", params, CONTRASTIVE, params["train"]["stage3_steps"], dagster_run_id, init,
+                  params["train"]["stage3_lr"])
 
 
 def semantic_prototypes(params: dict, dagster_run_id: str | None = None) -> StageResult:
@@ -197,5 +252,5 @@ def semantic_prototypes(params: dict, dagster_run_id: str | None = None) -> Stag
         return _finish(res, run)
 
 
-MODEL_STAGES = {"stage1_embedder": stage1_embedder, "semantic_prototypes": semantic_prototypes,
+MODEL_STAGES = {"base_model": base_model, "stage1_embedder": stage1_embedder, "semantic_prototypes": semantic_prototypes,
                 "embedding_model": embedding_model, "baseline_embedder": baseline_embedder}

@@ -14,7 +14,7 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
     assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets",
-                                      "stage1_embedder", "semantic_prototypes", "embedding_model",
+                                      "base_model", "stage1_embedder", "semantic_prototypes", "embedding_model",
                                       "baseline_embedder", "item_embeddings", "ann_index",
                                       "reranker_dataset", "reranker_model", "reranker_pointwise",
                                       "embedding_promotion", "ab_report"}

@@ -30,7 +30,7 @@ def test_dvc_repro_runs_the_lineage_on_the_tiny_profile(tmp_path):
     _run(["git", "init", "-q"], repo, env)
     _run([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
     _run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ("raw_catalog", "validated_catalog", "splits", "query_sets", "stage1_embedder",
+    for stage in ("raw_catalog", "validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder",
                   "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index",
                   "reranker_dataset", "reranker_model", "reranker_pointwise", "embedding_promotion", "ab_report"):
         assert (repo / "data/processed" / stage / "meta.json").is_file(), stage

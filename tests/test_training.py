@@ -32,6 +32,7 @@ def tiny(tmp_path_factory):
     params = load_params("tiny", {"workdir": str(root / "work")})
     for fn in stages.DATA_STAGES.values():
         fn(params)
+    model_stages.base_model(params)
     model_stages.stage1_embedder(params)
     model_stages.semantic_prototypes(params)
     yield params

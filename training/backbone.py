@@ -534,8 +534,10 @@ class MLLMEmbedder(nn.Module):
         grid = batch.get("image_grid_thw")
         if pixel_values is not None:
             pixel_values, grid = pixel_values.to(dev), grid.to(dev)
-        hidden = self.family.forward(self.model, input_ids, attention_mask, mm, pixel_values, grid)
         pos = self.emb_positions(input_ids, attention_mask)
+        if hasattr(self.model, "embed"):   # a model with its own embedding readout (training/vlm.py)
+            return F.normalize(self.model.embed(input_ids, attention_mask, pixel_values, pos).float(), dim=-1)
+        hidden = self.family.forward(self.model, input_ids, attention_mask, mm, pixel_values, grid)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         return F.normalize(h.float(), dim=-1)
 

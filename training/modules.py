@@ -91,7 +91,9 @@ class EmbeddingModule(L.LightningModule):
 
     def configure_optimizers(self):
         # the prototype rows are not parameters: ShardedPrototypeHead.sparse_sgd_step updates them
-        opt = torch.optim.AdamW(self.embedder.parameters(), lr=self.lr, weight_decay=self.t["weight_decay"])
+        # only what model.finetune left trainable (adapters, projector, readout; a frozen tower never)
+        params = [p for p in self.embedder.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.t["weight_decay"])
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(self.t["warmup"] * self.total_steps),
                                                 self.total_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]

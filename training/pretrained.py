@@ -72,8 +72,8 @@ PACKAGES = {
 
 
 def load_smollm2(layers: int | None = None):
-    """(LlamaForCausalLM fp32, tokenizer) from the packaged GGUF; only the first `layers` decoder
-    layers when given (the final norm is kept: the truncated model still ends normalised)."""
+    """(LlamaForCausalLM fp32, tokenizer) from the packaged GGUF (14-40 s: it is dequantised),
+    truncated to the first `layers` decoder layers when given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     f = PACKAGES["smollm2"].path()
@@ -82,13 +82,18 @@ def load_smollm2(layers: int | None = None):
     lm.config.quantization_config = None   # dequantised: a plain checkpoint from here on
     if hasattr(lm, "hf_quantizer"):
         lm.hf_quantizer = None
+    return truncate_decoder(lm, layers), tok
+
+
+def truncate_decoder(lm, layers: int | None):
+    """Keep the first `layers` decoder layers (the final norm stays: the output is still normalised)."""
     if layers is not None and 0 < int(layers) < lm.config.num_hidden_layers:
         lm.model.layers = lm.model.layers[: int(layers)]
         lm.config.num_hidden_layers = int(layers)
         for attr in ("layer_types",):   # per-layer lists follow the cut
             if isinstance(getattr(lm.config, attr, None), list):
                 setattr(lm.config, attr, getattr(lm.config, attr)[: int(layers)])
-    return lm.eval(), tok
+    return lm.eval()
 
 
 def _load_vision(model: PailitaoVLModel) -> None:
@@ -122,10 +127,58 @@ def _init_projector(projector: nn.Sequential, target_rms: float, seed: int = 0) 
     projector[3].weight.mul_(target_rms / float(probe.pow(2).mean().sqrt()))
 
 
-def build_base_model(base: dict, max_text_tokens: int = 24, mrl_dims=None) -> MLLMEmbedder:
+def calibration_images(n: int = 16, seed: int = 0) -> list:
+    """Deterministic stand-in images (coloured shapes on white) for when no catalog is at hand."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        im = Image.new("RGB", (128, 128), "white")
+        d = ImageDraw.Draw(im)
+        for _ in range(3):
+            x0, y0 = rng.integers(0, 80, 2)
+            box = [int(x0), int(y0), int(x0 + rng.integers(20, 48)), int(y0 + rng.integers(20, 48))]
+            (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+        out.append(im)
+    return out
+
+
+@torch.no_grad()
+def calibrate_readout(embedder: MLLMEmbedder, images, texts, gain: float, seed: int = 0) -> dict:
+    """Set the embedding readout from data: emb_center = the mean <|EMB|> state, visual_readout =
+    an orthogonal map whose output is `gain` times the rms of the centred state (0: no visual term,
+    the plain last-token readout)."""
+    model = embedder.model
+    model.emb_center.zero_()
+    model.visual_readout.weight.zero_()
+    states = []
+    for s in range(0, len(images), 16):
+        batch = embedder.prepare(images[s:s + 16], texts[s:s + 16])
+        pos = embedder.emb_positions(batch["input_ids"], batch["attention_mask"])
+        states.append(model.embed(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), pos))
+    states = torch.cat(states)
+    model.emb_center.copy_(states.mean(0))
+    spread = float((states - states.mean(0)).pow(2).sum(-1).mean().sqrt())
+    if gain > 0:
+        w = torch.empty_like(model.visual_readout.weight)
+        nn.init.orthogonal_(w, generator=torch.Generator().manual_seed(seed))
+        model.visual_readout.weight.copy_(w)
+        pv = embedder.image_processor(images)["pixel_values"]
+        vis = model.visual_readout(model.pooled_features(pv).mean(1))
+        model.visual_readout.weight.mul_(gain * spread / max(float(vis.pow(2).sum(-1).mean().sqrt()), 1e-12))
+    return {"emb_center_norm": float(model.emb_center.norm()), "centred_rms": spread, "visual_gain": gain}
+
+
+def build_base_model(base: dict, max_text_tokens: int = 24, mrl_dims=None, calibration=None,
+                     decoder=None) -> MLLMEmbedder:
     """The packaged base model as an MLLMEmbedder: tower + fresh projector + SmolLM2 (first
-    base['decoder_layers'] layers), tokenizer with the vision and <|EMB|> tokens added."""
-    lm, tok = load_smollm2(base.get("decoder_layers"))
+    base['decoder_layers'] layers), tokenizer with the vision and <|EMB|> tokens added, readout
+    calibrated on `calibration` = (images, titles) (catalog images; stand-ins when None).
+    `decoder` = (LlamaForCausalLM, tokenizer) already loaded (tests); else the package's GGUF."""
+    lm, tok = (truncate_decoder(decoder[0], base.get("decoder_layers")), decoder[1]) if decoder \
+        else load_smollm2(base.get("decoder_layers"))
     new = [t for t in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD, EMB_TOKEN) if t not in tok.get_vocab()]
     tok.add_tokens(new, special_tokens=True)
     conv = tok.convert_tokens_to_ids
@@ -147,8 +200,13 @@ def build_base_model(base: dict, max_text_tokens: int = 24, mrl_dims=None) -> ML
     _load_vision(model)
     _init_projector(model.projector, float(emb.pow(2).mean().sqrt()), seed=int(base.get("seed", 0)))
     model.freeze_vision(config.freeze_vision)
-    return MLLMEmbedder(model.eval(), tok, PailitaoVLImageProcessor.for_config(config), family="pailitao_vl",
-                        max_text_tokens=max_text_tokens, preset="packaged", mrl_dims=mrl_dims, padding_side="right")
+    embedder = MLLMEmbedder(model.eval(), tok, PailitaoVLImageProcessor.for_config(config), family="pailitao_vl",
+                            max_text_tokens=max_text_tokens, preset="packaged", mrl_dims=mrl_dims,
+                            padding_side="right")
+    images, texts = calibration if calibration is not None else (calibration_images(), None)
+    texts = list(texts) if texts is not None else [None] * len(images)
+    calibrate_readout(embedder, list(images), texts, float(base.get("visual_residual", 2.0)), int(base.get("seed", 0)))
+    return embedder
 
 
 def provenance(base: dict) -> list[dict]:

@@ -65,6 +65,16 @@ class RerankOutput:
         return None if self.level_logits is None else self.level_logits.float().softmax(-1)[..., 0]
 
 
+def lm_class(family: str) -> type:
+    """The family's model class with an LM head (what a reranker trains)."""
+    fam = _family(family)
+    if fam.lm_class_name:
+        import importlib
+        return getattr(importlib.import_module(fam.module), fam.lm_class_name)
+    import transformers
+    return getattr(transformers, LM_CLASSES[family])
+
+
 def _open(im) -> Image.Image:
     """A PIL image, or a path opened on demand (catalog images whose pixels are cached are never read)."""
     return _to_rgb(Image.open(im) if isinstance(im, (str, Path)) else im)
@@ -125,12 +135,10 @@ class MLLMReranker(nn.Module):
                       query_crop: bool = True, max_text_tokens: int | None = None,
                       scorer_input: str = "concat") -> "MLLMReranker":
         """A new reranker whose backbone starts from an embedder checkpoint directory."""
-        import transformers
-
         emb = MLLMEmbedder.from_pretrained(path)
         tok = emb.tokenizer
         tok.add_tokens([t for t in ANSWER_TOKENS if t not in tok.get_vocab()], special_tokens=True)
-        lm = getattr(transformers, LM_CLASSES[emb.family.name])(emb.model.config)
+        lm = lm_class(emb.family.name)(emb.model.config)
         lm.model.load_state_dict(emb.model.state_dict())
         old = lm.get_input_embeddings().num_embeddings
         if len(tok) > old:
@@ -166,16 +174,17 @@ class MLLMReranker(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, cache_images: int = 0) -> "MLLMReranker":
-        import transformers
-        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+        from transformers import AutoTokenizer
+
+        import training.vlm  # noqa: F401  (registers the pailitao_vl config)
 
         path = Path(path)
         if not (path / SETTINGS_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a reranker checkpoint (no {SETTINGS_FILE})")
         st = json.loads((path / SETTINGS_FILE).read_text())
-        lm = getattr(transformers, LM_CLASSES[st["family"]]).from_pretrained(path, local_files_only=True)
+        lm = lm_class(st["family"]).from_pretrained(path, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        ip = Qwen2VLImageProcessorPil.from_pretrained(path, local_files_only=True)
+        ip = _family(st["family"]).image_processor_class().from_pretrained(path, local_files_only=True)
         model = cls(lm, tok, ip, family=st["family"], mode=st["mode"], absolute=st["absolute"],
                     max_text_tokens=st["max_text_tokens"], scorer_hidden=st["scorer_hidden"],
                     query_crop=st.get("query_crop", True), cache_images=cache_images,

@@ -69,8 +69,14 @@ class EfficientNetTower(nn.Module):
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=int(config.image_size))
         self.net._fc = nn.Identity()   # classifier unused: only extract_features runs
 
+    def prepare(self) -> None:
+        """Channels-last weights: the depthwise convolutions run about a quarter faster on a CPU.
+        Called outside inference mode (parameters made inside it could never train again)."""
+        if not self.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last):
+            self.net.to(memory_format=torch.channels_last)
+
     def forward(self, pixel_values: Tensor) -> Tensor:
-        return self.net.extract_features(pixel_values)
+        return self.net.extract_features(pixel_values.contiguous(memory_format=torch.channels_last))
 
 
 class Dinov2Tower(nn.Module):
@@ -180,6 +186,9 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
         self.projector = nn.Sequential(nn.LayerNorm(tower_cls.channels), nn.Linear(tower_cls.channels, dim),
                                        nn.GELU(), nn.Linear(dim, dim))
         self.language_model = AutoModel.from_config(config.text_config)
+        # the embedding readout (see embed()); both are set from data when the base model is built
+        self.emb_center = nn.Parameter(torch.zeros(dim))
+        self.visual_readout = nn.Linear(tower_cls.channels, dim, bias=False)
         self.features = FeatureCache()
         self._tower_id: str | None = None
         self.post_init()
@@ -220,6 +229,7 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
         """[N, T, C] tower features average-pooled to the image grid (cached when frozen)."""
         g = int(self.config.image_grid)
         if not self.config.freeze_vision:
+            getattr(self.vision_tower, "prepare", lambda: None)()
             fmap = self.vision_tower(pixel_values)
             return F.adaptive_avg_pool2d(fmap, g).flatten(2).transpose(1, 2)
         self.vision_tower.eval()
@@ -229,7 +239,8 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
         found = [self.features.get(k) for k in keys]
         todo = [i for i, f in enumerate(found) if f is None]
         if todo:
-            with torch.no_grad():
+            getattr(self.vision_tower, "prepare", lambda: None)()
+            with torch.inference_mode():
                 fmap = self.vision_tower(pixel_values[todo])
                 new = F.adaptive_avg_pool2d(fmap.float(), g).flatten(2).transpose(1, 2)
             for i, f in zip(todo, new.to(torch.float16).cpu().numpy()):
@@ -242,14 +253,16 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
         feats = self.pooled_features(pixel_values)
         return self.projector(feats.to(self.projector[1].weight.dtype))
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
-                image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
-                position_ids: Tensor | None = None, **kwargs) -> BaseModelOutputWithPast:
+    def _run(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
+             position_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(last hidden state [B, L, D], pooled tower features [N_images, T, C] or None)."""
         embeds = self.get_input_embeddings()(input_ids)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        pooled = None
         if pixel_values is not None:
-            img = self.get_image_features(pixel_values).to(embeds.dtype)
+            pooled = self.pooled_features(pixel_values)
+            img = self.projector(pooled.to(self.projector[1].weight.dtype)).to(embeds.dtype)
             slots = (input_ids == self.config.image_token_id) & (attention_mask != 0)
             if int(slots.sum()) != img.shape[0] * img.shape[1]:
                 raise ValueError(f"{int(slots.sum())} image placeholder tokens for {img.shape[0]} images of "
@@ -257,8 +270,33 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
             embeds = embeds.masked_scatter(slots[..., None].expand_as(embeds), img.reshape(-1, img.shape[-1]))
         if position_ids is None:   # count real tokens only, so left padding does not shift positions
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
-                                   position_ids=position_ids, use_cache=False)
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                  position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state, pooled
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
+                position_ids: Tensor | None = None, **kwargs) -> BaseModelOutputWithPast:
+        return BaseModelOutputWithPast(last_hidden_state=self._run(input_ids, attention_mask, pixel_values,
+                                                                   position_ids)[0])
+
+    def embed(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None, positions: Tensor) -> Tensor:
+        """The embedding readout at `positions` (the <|EMB|> token of each row, at most one image a
+        row): the hidden state minus `emb_center` plus `visual_readout` of the row's mean pooled tower
+        feature. Why: a pretrained decoder's last-token state is dominated by a few huge constant
+        dimensions (every image has cosine ~0.999 to every other), and a few hundred CPU steps cannot
+        teach it to relay the tower; with the centre removed and the tower's own signal added, the
+        decoder starts from what the tower knows and learns to refine it with the text."""
+        hidden, pooled = self._run(input_ids, attention_mask, pixel_values)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        h = hidden[rows, positions] - self.emb_center.to(hidden.dtype)
+        if pooled is not None:
+            has = (input_ids == self.config.image_token_id).any(-1)
+            if int(has.sum()) != pooled.shape[0]:
+                raise ValueError("the embedding readout takes at most one image per row")
+            vis = self.visual_readout(pooled.mean(1).to(self.visual_readout.weight.dtype)).to(h.dtype)
+            h = h.index_add(0, rows[has], vis)
+        return h
 
 
 class PailitaoVLForConditionalGeneration(PailitaoVLPreTrainedModel):
