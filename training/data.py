@@ -47,6 +47,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.t = items.table[items.table["item_id"].isin(labels)].reset_index(drop=True)
         self.labels = torch.tensor([labels[i] for i in self.t["item_id"]])
         self.level = params["train"]["noisy_view_level"]
+        self.text_only = float(params["train"].get("text_only_share", 0.0))
         self.noise = params["noise"][self.level]
         self.seed = params["seed"]
         self.pool = self.t["image"].tolist()   # clutter backgrounds: other train catalog images
@@ -65,6 +66,8 @@ class PairDataset(torch.utils.data.Dataset):
         bgs = [Image.open(self.pool[j]).convert("RGB") for j in rng.integers(len(self.pool), size=2)]
         img = noise_image(img, self.level, self.noise, s, backgrounds=bgs)
         text = noise_text(row["title"], self.level, self.noise, s) if rng.random() < 0.5 else None
+        if text is not None and self.text_only and rng.random() < self.text_only:
+            img = None   # a shopper who types instead of photographing: text-only queries train too
         return img, text
 
     def __getitem__(self, v: int) -> dict:
