@@ -10,6 +10,19 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# parts the base model adds to the pretrained ones (projector, embedding readout): freshly set, small
+# weights that an adapter-sized learning rate would shake (the loss jumped 3 -> 9 in a first demo run)
+NEW_PARTS = ("projector.", "emb_center", "visual_readout.")
+
+
+def param_groups(model: nn.Module, lr: float, cfg: dict | None) -> list[dict]:
+    """AdamW groups: the new parts at lr * model.finetune.new_parts_lr_scale, the rest at lr."""
+    scale = float((cfg or {}).get("new_parts_lr_scale", 1.0))
+    new, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if any(name.startswith(k) or f".{k}" in name for k in NEW_PARTS) else rest).append(p)
+    return [g for g in ({"params": rest, "lr": lr}, {"params": new, "lr": lr * scale}) if g["params"]]
 
 
 def prepare_for_training(model: nn.Module, cfg: dict | None) -> dict:

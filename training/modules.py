@@ -14,6 +14,7 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from training.backbone import MLLMEmbedder
+from training.finetune import param_groups
 from training.data import PairDataset, RandomBatchSampler, SimilarPrototypeBatchSampler, collate
 from training.losses import info_nce_mrl
 from training.sharded_head import ShardedPrototypeHead
@@ -92,8 +93,8 @@ class EmbeddingModule(L.LightningModule):
     def configure_optimizers(self):
         # the prototype rows are not parameters: ShardedPrototypeHead.sparse_sgd_step updates them
         # only what model.finetune left trainable (adapters, projector, readout; a frozen tower never)
-        params = [p for p in self.embedder.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.t["weight_decay"])
+        groups = param_groups(self.embedder.model, self.lr, self.m.get("finetune"))
+        opt = torch.optim.AdamW(groups, lr=self.lr, weight_decay=self.t["weight_decay"])
         sched = get_cosine_schedule_with_warmup(opt, math.ceil(self.t["warmup"] * self.total_steps),
                                                 self.total_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
