@@ -77,6 +77,14 @@ def _report_metrics(report: pd.DataFrame, prefix: str = "val") -> dict:
     return out
 
 
+def finetune_config(model_params: dict) -> dict:
+    """model.finetune for pretrained weights; a random-init size preset trains in full (adapters on
+    random weights would learn next to nothing)."""
+    if model_params["preset"] in ("packaged", "pretrained"):
+        return model_params.get("finetune") or {}
+    return {"method": "full"}
+
+
 def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str | None,
            init: Path, lr: float) -> StageResult:
     paths, catalog, splits = _inputs(params)
@@ -102,7 +110,7 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
         labels = dict(zip(items.table["item_id"], items.table["group_id"].map(index)))
     L.seed_everything(params["seed"], workers=True)   # model init and sampling are reproducible
     embedder = MLLMEmbedder.from_pretrained(init)
-    extra.update(prepare_for_training(embedder.model, params["model"].get("finetune")))
+    extra.update(prepare_for_training(embedder.model, finetune_config(params["model"])))
     dataset = PairDataset(items, labels, params)
     module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset, lr=lr)
     work = _work_dir(paths, stage, params, catalog)
