@@ -35,6 +35,7 @@ from retrieval import rerank_stages as rs
 from retrieval.pipeline import load_embedder, model_fingerprint, resolve_model
 from training import rerank_data as rd
 from training.backbone import MLLMEmbedder
+from training.vlm import use_feature_cache
 
 log = logging.getLogger(__name__)
 ARMS = {"control": promotion.CONTROL, "treatment": promotion.TREATMENT}
@@ -83,6 +84,7 @@ def embed_arms(params: dict, catalog: Catalog, queries: pd.DataFrame, root: Path
 
 def _load_arm(params: dict, stage: str, catalog: Catalog) -> tuple:
     path = Paths.from_params(params).asset(stage) / "model"
+    use_feature_cache(Paths.from_params(params).feature_cache)   # test queries: one tower pass for both arms
     embedder = MLLMEmbedder.from_pretrained(path)
     g, g_emb = cached_gallery(Paths.from_params(params).gallery_cache, model_fingerprint(path), lambda: embedder,
                               catalog, params["model"]["served_dim"])

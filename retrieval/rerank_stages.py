@@ -32,6 +32,7 @@ from training.data import TrainItems
 from training.modules import fit
 from training.rerank_module import RerankerModule
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
+from training.vlm import use_feature_cache
 
 log = logging.getLogger(__name__)
 THRESHOLD_FILE = "threshold.json"
@@ -52,6 +53,7 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
     the train split), graded levels, level-balanced training chunks; and validation queries
     (query_sets, val split) with their top-N from the whole catalog, for calibration."""
     paths, t0 = Paths.from_params(params), time.perf_counter()
+    use_feature_cache(paths.feature_cache)
     cfg, n = params["reranker"], params["serving"]["candidates"]
     catalog = Catalog.load(paths.asset("validated_catalog"))
     splits = pd.read_parquet(paths.asset("splits") / "splits.parquet")
@@ -202,6 +204,7 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     from pailitao.registry import log_reranker
 
     paths, cfg, t0 = Paths.from_params(params), params["reranker"], time.perf_counter()
+    use_feature_cache(paths.feature_cache)   # catalog candidates repeat across steps and stages
     stage = stage or RERANK_ASSETS[mode]
     ds = paths.asset("reranker_dataset")
     ds_meta = read_json(ds / "meta.json")

@@ -225,7 +225,7 @@ def _vl_config(p: dict, vocab: int, ids: dict):
 
 def _vl_image_tokens(config, image_grid_thw: Tensor) -> list[int]:
     """A fixed number of pooled tokens per image."""
-    return [int(config.image_grid) ** 2] * int(image_grid_thw.shape[0])
+    return [config.image_tokens] * int(image_grid_thw.shape[0])
 
 
 def _vl_forward(model, input_ids: Tensor, attention_mask: Tensor, mm_token_type_ids: Tensor,

@@ -248,10 +248,12 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
                 self.features.put(keys[i], f)
         return torch.from_numpy(np.stack(found)).to(pixel_values.device, torch.float32)
 
+    def project(self, pooled: Tensor) -> Tensor:
+        """[N, T, D] image tokens in the decoder's embedding space from pooled tower features."""
+        return self.projector(pooled.to(self.projector[1].weight.dtype))
+
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
-        """[N, T, D] image tokens in the decoder's embedding space."""
-        feats = self.pooled_features(pixel_values)
-        return self.projector(feats.to(self.projector[1].weight.dtype))
+        return self.project(self.pooled_features(pixel_values))
 
     def _run(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
              position_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -262,7 +264,7 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
         pooled = None
         if pixel_values is not None:
             pooled = self.pooled_features(pixel_values)
-            img = self.projector(pooled.to(self.projector[1].weight.dtype)).to(embeds.dtype)
+            img = self.project(pooled).to(embeds.dtype)
             slots = (input_ids == self.config.image_token_id) & (attention_mask != 0)
             if int(slots.sum()) != img.shape[0] * img.shape[1]:
                 raise ValueError(f"{int(slots.sum())} image placeholder tokens for {img.shape[0]} images of "
