@@ -1,6 +1,7 @@
 """Every embedding model of a lineage beside its floors, on the same unseen test queries, whole
 catalog as gallery: thumbnail kNN, BM25 and TF-IDF (evaluation/floors.py), the vision tower alone
-(its pooled feature, zero-shot), the base model zero-shot, stage 1, the ID model and the control.
+(its pooled feature, zero-shot), the base model zero-shot, stage 1, the ID model and the control,
+each also as the service ranks queries with words (+ lexical, hybrid: serving.hybrid).
 I-HR@1 with a 95% bootstrap interval, C-HR@1 and R@10 per query group (noise level / modality),
 and the paired bootstrap of the ID model against the control and against each floor.
 
@@ -27,9 +28,10 @@ from data.schema import Catalog
 from evaluation.compare import bootstrap_mean_ci, paired_bootstrap
 from evaluation.floors import FLOORS, applicable
 from evaluation.metrics import per_query_metrics
-from evaluation.retrieval import (cached_gallery, encode_queries, gallery, query_groups, rank_items,
-                                  ranked_levels)
+from evaluation.retrieval import (cached_gallery, encode_queries, gallery, item_lexical_index, query_groups,
+                                  rank_hybrid, rank_items, ranked_levels)
 from pailitao.config import Paths, load_params
+from retrieval.lexical import HybridConfig
 from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
 from training.vlm import use_feature_cache
@@ -81,6 +83,7 @@ def main() -> None:
     q = q.reset_index(drop=True)
     dim = params["model"]["served_dim"]
     arms, seconds = {}, {}
+    lexical, hybrid = item_lexical_index(catalog), HybridConfig.from_params(params)
     for name in FLOORS:
         t0 = time.perf_counter()
         has = applicable(name, q)
@@ -98,8 +101,13 @@ def main() -> None:
             ranked, has = tower_rank(emb, catalog, q, root)
             arms["vision tower alone (zero-shot)"] = per_query(ranked, q, catalog)[has]
         g, g_emb = cached_gallery(paths.gallery_cache, model_fingerprint(path), lambda: emb, catalog, dim)
-        arms[label] = per_query(rank_items(encode_queries(emb, q, root, dim), g, g_emb), q, catalog)
+        q_emb = encode_queries(emb, q, root, dim)
+        arms[label] = per_query(rank_items(q_emb, g, g_emb), q, catalog)
         seconds[label] = time.perf_counter() - t0
+        if hybrid.weight > 0:   # what the service returns: + the lexical matches of the words
+            words = applicable("tfidf", q)
+            arms[f"{label} + lexical (hybrid)"] = per_query(
+                rank_hybrid(q_emb, q["text"], g, g_emb, lexical, hybrid), q, catalog)[words]
     rows = []
     for arm, pq in arms.items():
         for group, part in [("all", pq), *pq.groupby("group")]:
@@ -114,19 +122,21 @@ def main() -> None:
           f"{len(q)} test queries, gallery {len(gallery(catalog))} catalog images\n")
     print(table.to_markdown(index=False, floatfmt=".2f"))
     tests = []
-    treat = arms.get("ID model (prototypes)")
-    for other in [a for a in arms if a != "ID model (prototypes)"] if treat is not None else []:
-        a, b = arms[other], treat
+    ident, served = "ID model (prototypes)", "ID model (prototypes) + lexical (hybrid)"
+    pairs = [(ident, other) for other in arms if other not in (ident, served)] if ident in arms else []
+    pairs += [(served, other) for other in ("tfidf", "bm25", ident)] if served in arms else []
+    for arm, other in pairs:
+        a, b = arms[other], arms[arm]
         common = a.index.intersection(b.index)
         for group in ["all", *sorted(set(b.loc[common, "group"]))]:
             idx = common if group == "all" else common[b.loc[common, "group"] == group]
             if len(idx) < 10:
                 continue
             r = paired_bootstrap(a.loc[idx, "I-HR@1"].to_numpy(), b.loc[idx, "I-HR@1"].to_numpy(), n_boot=1000)
-            tests.append({"ID model vs": other, "group": group, "queries": len(idx), **{
+            tests.append({"arm": arm, "minus": other, "group": group, "queries": len(idx), **{
                 k: r[k] for k in ("diff", "ci_low", "ci_high", "p_value") if k in r}})
     if tests:
-        print("\nPaired bootstrap, I-HR@1 (ID model minus the other arm, same queries):\n")
+        print("\nPaired bootstrap, I-HR@1 (arm minus the other, same queries):\n")
         print(pd.DataFrame(tests).to_markdown(index=False, floatfmt=".2f"))
     print("\n" + " | ".join(f"{k}: {v:.0f} s" for k, v in seconds.items()))
     os.makedirs(args.out, exist_ok=True)

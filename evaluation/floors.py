@@ -19,10 +19,10 @@ import pandas as pd
 from PIL import Image
 
 from data.images import to_rgb_on_white
-from data.queries import WORD_COLUMNS
 from data.schema import Catalog
 from evaluation.metrics import retrieval_report
-from evaluation.retrieval import TOP_K, gallery, query_groups, rank_items, ranked_levels
+from evaluation.retrieval import (TOP_K, gallery, item_documents, item_lexical_index, query_groups,
+                                  rank_items, ranked_levels)
 
 THUMB_SIZE = 16
 QUERY_BLOCK = 256   # queries scored at once against the whole catalog (memory: block x items floats)
@@ -69,15 +69,6 @@ def thumbnail_knn(catalog: Catalog, queries: pd.DataFrame, query_root: Path, k: 
 
 
 # ------------------------------------------------------------------------------------------ text
-def item_documents(catalog: Catalog) -> tuple[np.ndarray, list[str]]:
-    """The gallery's distinct item ids (gallery order) and the text a text floor indexes for each."""
-    ids = gallery(catalog)["item_id"].drop_duplicates().to_numpy()
-    items = catalog.items.set_index("item_id").loc[ids]
-    cols = ["title"] + [c for c in WORD_COLUMNS if c in items.columns]
-    docs = [" ".join(str(v) for v in row if isinstance(v, str)) for row in items[cols].itertuples(index=False)]
-    return ids, docs
-
-
 def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     """[q, k] item ids by descending score (ties: gallery order); a score <= 0 shares no word: no result."""
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -112,18 +103,8 @@ def bm25(catalog: Catalog, queries: pd.DataFrame, query_root: Path | None = None
 
 
 def tfidf(catalog: Catalog, queries: pd.DataFrame, query_root: Path | None = None, k: int = TOP_K) -> np.ndarray:
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
-
-    ids, docs = item_documents(catalog)
-    parts = [TfidfVectorizer(analyzer="word", ngram_range=(1, 2), token_pattern=r"(?u)\b\w+\b", sublinear_tf=True),
-             TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True)]
-    # each part is L2-normalised; the halves weigh alike and the product stays a cosine
-    d = hstack([p.fit_transform(docs) for p in parts]).tocsr() / np.sqrt(2)
-
-    def scores(texts: list[str]) -> np.ndarray:
-        return (hstack([p.transform(texts) for p in parts]).tocsr() / np.sqrt(2) @ d.T).toarray()
-    return _rank_text(scores, queries, ids, k)
+    index = item_lexical_index(catalog)   # the service's lexical side (retrieval/lexical.py)
+    return _rank_text(index.scores, queries, index.ids, k)
 
 
 FLOORS = {"thumbnail_knn": thumbnail_knn, "bm25": bm25, "tfidf": tfidf}

@@ -65,16 +65,41 @@ def encode_queries(embedder, queries: pd.DataFrame, root: Path, dim: int, batch_
     return embedder.encode(images, texts, batch_size=batch_size, dim=dim, progress=True)
 
 
-def rank_items(q_emb: np.ndarray, g: pd.DataFrame, g_emb: np.ndarray, k: int = TOP_K) -> np.ndarray:
-    """Top-k distinct item ids per query (an item with several catalog images counts once)."""
+def rank_items(q_emb: np.ndarray, g: pd.DataFrame, g_emb: np.ndarray, k: int = TOP_K,
+               with_scores: bool = False):
+    """Top-k distinct item ids per query (an item with several catalog images counts once, at its
+    best image); with_scores: also their [Q, k] cosines (nan padding)."""
     index = faiss.IndexFlatIP(g_emb.shape[1])
     index.add(np.ascontiguousarray(g_emb, dtype=np.float32))
-    _, nn = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(len(g), k * 2))
+    sims, nn = index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(len(g), k * 2))
     ids = g["item_id"].to_numpy()
     out = np.full((len(q_emb), k), None, dtype=object)
-    for qi, row in enumerate(nn):
-        seen = list(dict.fromkeys(ids[j] for j in row if j >= 0))[:k]
+    scores = np.full((len(q_emb), k), np.nan, dtype=np.float32)
+    for qi, (row, sim) in enumerate(zip(nn, sims)):
+        best = {}
+        for j, s in zip(row, sim):
+            if j >= 0 and ids[j] not in best:
+                best[ids[j]] = s
+        seen = list(best)[:k]
         out[qi, :len(seen)] = seen
+        scores[qi, :len(seen)] = [best[i] for i in seen]
+    return (out, scores) if with_scores else out
+
+
+def rank_hybrid(q_emb: np.ndarray, texts, g: pd.DataFrame, g_emb: np.ndarray, lexical, cfg, k: int = TOP_K) -> np.ndarray:
+    """rank_items merged with the lexical candidates of each query's words (retrieval/lexical.py):
+    what the service returns. Queries without words, or cfg.weight 0, keep the dense order."""
+    from retrieval.lexical import hybrid_merge
+
+    ranked, scores = rank_items(q_emb, g, g_emb, max(k, cfg.candidates), with_scores=True)
+    texts = [t if isinstance(t, str) and t.strip() else None for t in texts]
+    rows = [i for i, t in enumerate(texts) if t is not None] if cfg.weight > 0 else []
+    out = ranked[:, :k].copy()
+    if rows:
+        lex_ids, lex_s = lexical.top([texts[i] for i in rows], cfg.candidates)
+        for r, li, ls in zip(rows, lex_ids, lex_s):
+            order, _ = hybrid_merge(ranked[r], scores[r], li, ls, cfg.weight)
+            out[r] = (order + [None] * k)[:k]
     return out
 
 
@@ -113,3 +138,21 @@ def ranked_levels(ranked: np.ndarray, queries: pd.DataFrame, catalog: Catalog) -
     k = ranked.shape[1]
     return np.stack([relevance([qg], [qc], d_group[i * k:(i + 1) * k], d_cat[i * k:(i + 1) * k])[0]
                      for i, (qg, qc) in enumerate(zip(qt["group_id"], qt["category"]))])
+
+
+def item_documents(catalog: Catalog) -> tuple[np.ndarray, list[str]]:
+    """The gallery's distinct item ids (gallery order) and the text a lexical index holds for each:
+    title + keywords / description where the catalog has them."""
+    from data.queries import WORD_COLUMNS
+
+    ids = gallery(catalog)["item_id"].drop_duplicates().to_numpy()
+    items = catalog.items.set_index("item_id").loc[ids]
+    cols = ["title"] + [c for c in WORD_COLUMNS if c in items.columns]
+    docs = [" ".join(str(v) for v in row if isinstance(v, str)) for row in items[cols].itertuples(index=False)]
+    return ids, docs
+
+
+def item_lexical_index(catalog: Catalog):
+    from retrieval.lexical import LexicalIndex
+
+    return LexicalIndex(*item_documents(catalog))

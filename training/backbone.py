@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from training.vlm import TEXT_INPUTS
+
 EMB_TOKEN = "<|EMB|>"
 SYSTEM_PROMPT = "You are a relevance embedding generator"
 PAD_TOKEN = "<|endoftext|>"
@@ -508,8 +510,9 @@ class MLLMEmbedder(nn.Module):
             input_ids[i, sl] = torch.tensor(r, dtype=torch.long)
             attention_mask[i, sl] = 1
         mm_token_type_ids = ((input_ids == self.image_token_id) & (attention_mask == 1)).int()
+        extra = self.model.text_inputs(texts) if hasattr(self.model, "text_inputs") else {}
         return {"input_ids": input_ids, "attention_mask": attention_mask,
-                "mm_token_type_ids": mm_token_type_ids, **vision}
+                "mm_token_type_ids": mm_token_type_ids, **vision, **extra}
 
     # ------------------------------------------------------------------------------------ forward
     def emb_positions(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -536,7 +539,8 @@ class MLLMEmbedder(nn.Module):
             pixel_values, grid = pixel_values.to(dev), grid.to(dev)
         pos = self.emb_positions(input_ids, attention_mask)
         if hasattr(self.model, "embed"):   # a model with its own embedding readout (training/vlm.py)
-            return F.normalize(self.model.embed(input_ids, attention_mask, pixel_values, pos).float(), dim=-1)
+            text = {k: batch[k].to(dev) for k in TEXT_INPUTS if k in batch}
+            return F.normalize(self.model.embed(input_ids, attention_mask, pixel_values, pos, **text).float(), dim=-1)
         hidden = self.family.forward(self.model, input_ids, attention_mask, mm, pixel_values, grid)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), pos]
         return F.normalize(h.float(), dim=-1)

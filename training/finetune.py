@@ -12,7 +12,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # parts the base model adds to the pretrained ones (projector, embedding readout): freshly set, small
 # weights that an adapter-sized learning rate would shake (the loss jumped 3 -> 9 in a first demo run)
-NEW_PARTS = ("projector.", "emb_center", "visual_readout.")
+NEW_PARTS = ("projector.", "emb_center", "visual_readout.", "text_ngrams.", "text_scale")
 
 
 def param_groups(model: nn.Module, lr: float, cfg: dict | None) -> list[dict]:

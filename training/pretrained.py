@@ -146,13 +146,20 @@ def calibration_images(n: int = 16, seed: int = 0) -> list:
 
 
 @torch.no_grad()
-def calibrate_readout(embedder: MLLMEmbedder, images, texts, gain: float, seed: int = 0) -> dict:
+def calibrate_readout(embedder: MLLMEmbedder, images, texts, gain: float, seed: int = 0,
+                      text_gain: float = 0.0, documents=None) -> dict:
     """Set the embedding readout from data: emb_center = the mean <|EMB|> state, visual_readout =
     an orthogonal map whose output is `gain` times the rms of the centred state (0: no visual term,
-    the plain last-token readout)."""
+    the plain last-token readout); the text term's idf from `documents` (default: `texts`), its
+    table seeded, its scale `text_gain` times that rms (0: no text term)."""
     model = embedder.model
     model.emb_center.zero_()
     model.visual_readout.weight.zero_()
+    model.text_scale.zero_()
+    ngrams = model.text_ngrams
+    ngrams.table.copy_(torch.randn(ngrams.table.shape, generator=torch.Generator().manual_seed(seed))
+                       / ngrams.table.shape[1] ** 0.5)
+    ngrams.fit_idf([t for t in (documents if documents is not None else texts) if t])
     states = []
     for s in range(0, len(images), 16):
         batch = embedder.prepare(images[s:s + 16], texts[s:s + 16])
@@ -168,11 +175,13 @@ def calibrate_readout(embedder: MLLMEmbedder, images, texts, gain: float, seed: 
         pv = embedder.image_processor(images)["pixel_values"]
         vis = model.visual_readout(model.pooled_features(pv).mean(1))
         model.visual_readout.weight.mul_(gain * spread / max(float(vis.pow(2).sum(-1).mean().sqrt()), 1e-12))
-    return {"emb_center_norm": float(model.emb_center.norm()), "centred_rms": spread, "visual_gain": gain}
+    model.text_scale.fill_(text_gain * spread)   # the n-gram vector is a unit vector
+    return {"emb_center_norm": float(model.emb_center.norm()), "centred_rms": spread, "visual_gain": gain,
+            "text_gain": text_gain}
 
 
 def build_base_model(base: dict, max_text_tokens: int = 24, mrl_dims=None, calibration=None,
-                     decoder=None) -> MLLMEmbedder:
+                     decoder=None, documents=None) -> MLLMEmbedder:
     """The packaged base model as an MLLMEmbedder: tower + fresh projector + SmolLM2 (first
     base['decoder_layers'] layers), tokenizer with the vision and <|EMB|> tokens added, readout
     calibrated on `calibration` = (images, titles) (catalog images; stand-ins when None).
@@ -205,7 +214,8 @@ def build_base_model(base: dict, max_text_tokens: int = 24, mrl_dims=None, calib
                             padding_side="right")
     images, texts = calibration if calibration is not None else (calibration_images(), None)
     texts = list(texts) if texts is not None else [None] * len(images)
-    calibrate_readout(embedder, list(images), texts, float(base.get("visual_residual", 2.0)), int(base.get("seed", 0)))
+    calibrate_readout(embedder, list(images), texts, float(base.get("visual_residual", 2.0)), int(base.get("seed", 0)),
+                      float(base.get("text_residual", 0.0)), documents)
     return embedder
 
 
