@@ -28,7 +28,7 @@ from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
 from training.vlm import use_feature_cache
 
-WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.8, 1.2)
+WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
 
 
 def main() -> None:
@@ -62,9 +62,10 @@ def main() -> None:
         return {**pq.groupby("group")["I-HR@1"].mean().round(2).to_dict(), "all": round(pq["I-HR@1"].mean(), 2)}
 
     rows = [{"arm": "TF-IDF floor (words only)", **scores(tfidf(catalog, q, root))}]
-    for w in WEIGHTS:
-        rows.append({"arm": f"{args.model} + lexical, weight {w}" + (" (params)" if w == cfg.weight else ""),
-                     **scores(rank_hybrid(q_emb, q["text"], g, g_emb, lexical, replace(cfg, weight=w)))})
+    for w in WEIGHTS:   # one weight for every query here; params keep the best with and without a photo
+        mark = [name for name, v in (("photo", cfg.weight), ("text-only", cfg.text_only_weight)) if v == w]
+        rows.append({"arm": f"{args.model} + lexical, weight {w}" + (f" (params: {', '.join(mark)})" if mark else ""),
+                     **scores(rank_hybrid(q_emb, q, g, g_emb, lexical, replace(cfg, weight=w, text_only_weight=w)))})
     table = pd.DataFrame(rows)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; profile {params['profile']}, model "
           f"{args.model}, split {args.split}, {len(q)} queries, lexical candidates {cfg.candidates}; "

@@ -104,10 +104,10 @@ def main() -> None:
         q_emb = encode_queries(emb, q, root, dim)
         arms[label] = per_query(rank_items(q_emb, g, g_emb), q, catalog)
         seconds[label] = time.perf_counter() - t0
-        if hybrid.weight > 0:   # what the service returns: + the lexical matches of the words
+        if hybrid.enabled:   # what the service returns: + the lexical matches of the words
             words = applicable("tfidf", q)
             arms[f"{label} + lexical (hybrid)"] = per_query(
-                rank_hybrid(q_emb, q["text"], g, g_emb, lexical, hybrid), q, catalog)[words]
+                rank_hybrid(q_emb, q, g, g_emb, lexical, hybrid), q, catalog)[words]
     rows = []
     for arm, pq in arms.items():
         for group, part in [("all", pq), *pq.groupby("group")]:

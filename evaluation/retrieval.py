@@ -86,19 +86,21 @@ def rank_items(q_emb: np.ndarray, g: pd.DataFrame, g_emb: np.ndarray, k: int = T
     return (out, scores) if with_scores else out
 
 
-def rank_hybrid(q_emb: np.ndarray, texts, g: pd.DataFrame, g_emb: np.ndarray, lexical, cfg, k: int = TOP_K) -> np.ndarray:
+def rank_hybrid(q_emb: np.ndarray, queries: pd.DataFrame, g: pd.DataFrame, g_emb: np.ndarray, lexical, cfg,
+                k: int = TOP_K) -> np.ndarray:
     """rank_items merged with the lexical candidates of each query's words (retrieval/lexical.py):
-    what the service returns. Queries without words, or cfg.weight 0, keep the dense order."""
+    what the service returns. Queries without words, or a weight of 0, keep the dense order."""
     from retrieval.lexical import hybrid_merge
 
     ranked, scores = rank_items(q_emb, g, g_emb, max(k, cfg.candidates), with_scores=True)
-    texts = [t if isinstance(t, str) and t.strip() else None for t in texts]
-    rows = [i for i, t in enumerate(texts) if t is not None] if cfg.weight > 0 else []
+    texts = [t if isinstance(t, str) and t.strip() else None for t in queries["text"]]
+    weights = [cfg.weight_for(isinstance(p, str)) for p in queries["image"]]
+    rows = [i for i, t in enumerate(texts) if t is not None and weights[i] > 0]
     out = ranked[:, :k].copy()
     if rows:
         lex_ids, lex_s = lexical.top([texts[i] for i in rows], cfg.candidates)
         for r, li, ls in zip(rows, lex_ids, lex_s):
-            order, _ = hybrid_merge(ranked[r], scores[r], li, ls, cfg.weight)
+            order, _ = hybrid_merge(ranked[r], scores[r], li, ls, weights[r])
             out[r] = (order + [None] * k)[:k]
     return out
 

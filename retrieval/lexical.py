@@ -6,7 +6,7 @@ a TF-IDF over word 1-2-grams and character 3-5-grams (typo-tolerant) matches the
 the embedding's own character n-gram term is a 576-d sketch shared with the image (BENCHMARKS.md
 measures both). The merge keeps the embedding's order where the words say nothing.
 
-    fused score = dense cosine + weight * TF-IDF cosine
+    fused score = dense cosine + weight * TF-IDF cosine   (one weight with a photo, one without)
 
 over the union of the dense top candidates and the lexical top candidates; a lexical candidate the
 ANN search did not return gets the lowest dense score of those it did (a bound, not a guess).
@@ -59,13 +59,22 @@ class LexicalIndex:
 
 @dataclass(frozen=True)
 class HybridConfig:
-    weight: float = 0.0        # of the TF-IDF cosine beside the dense cosine (0: dense order only)
-    candidates: int = 100      # lexical candidates merged with the dense ones
+    weight: float = 0.0            # of the TF-IDF cosine beside the dense cosine, photo + words (0: dense order)
+    text_only_weight: float = 0.0  # ... for words without a photo: they are all the evidence there is
+    candidates: int = 100          # lexical candidates merged with the dense ones
 
     @classmethod
     def from_params(cls, params: dict) -> "HybridConfig":
         h = (params.get("serving") or {}).get("hybrid") or {}
-        return cls(float(h.get("lexical_weight", 0.0)), int(h.get("lexical_candidates", 100)))
+        return cls(float(h.get("lexical_weight", 0.0)), float(h.get("text_only_weight", 0.0)),
+                   int(h.get("lexical_candidates", 100)))
+
+    def weight_for(self, has_image: bool) -> float:
+        return self.weight if has_image else self.text_only_weight
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0 or self.text_only_weight > 0
 
 
 def hybrid_merge(dense_ids, dense_scores, lex_ids, lex_scores, weight: float) -> tuple[list, list[float]]:

@@ -392,7 +392,7 @@ class Searcher:
                 if missing:
                     raise ValueError(f"index {meta['version']}: {missing} of its first ids are not in "
                                      f"{self.embeddings_dir / 'items.parquet'}")
-                lexical = LexicalIndex(*items.documents) if self.hybrid.weight > 0 else None
+                lexical = LexicalIndex(*items.documents) if self.hybrid.enabled else None
                 self._snap = _Snapshot(loaded, items, meta["version"], lexical)
                 self.reloads += 1
                 self.last_error = None
@@ -473,8 +473,8 @@ class Searcher:
                                    image=str(path) if path else None))
             if len(cands) == want:
                 break
-        if text and snap.lexical is not None:
-            cands = self._merge_lexical(snap, text, cands, want)
+        if text and snap.lexical is not None and self.hybrid.weight_for(im is not None) > 0:
+            cands = self._merge_lexical(snap, text, cands, want, self.hybrid.weight_for(im is not None))
         t3 = time.perf_counter()
         ranked = self.reranker(Query(im, text or None, q), cands)[: int(k)]
         t4 = time.perf_counter()
@@ -483,11 +483,12 @@ class Searcher:
         return SearchResult(request_id or uuid.uuid4().hex, ranked, {k_: round(v, 3) for k_, v in lat.items()},
                             snap.version, self.model.name)
 
-    def _merge_lexical(self, snap: _Snapshot, text: str, cands: list[Candidate], want: int) -> list[Candidate]:
+    def _merge_lexical(self, snap: _Snapshot, text: str, cands: list[Candidate], want: int,
+                       weight: float) -> list[Candidate]:
         """The dense candidates merged with the words' lexical matches (retrieval/lexical.py)."""
         lex_ids, lex_s = snap.lexical.top([text], self.hybrid.candidates)
         order, fused = hybrid_merge([c.item_id for c in cands], [c.score for c in cands], lex_ids[0], lex_s[0],
-                                    self.hybrid.weight)
+                                    weight)
         lex = {i: float(s) for i, s in zip(lex_ids[0], lex_s[0]) if i is not None}
         by_id, floor = {c.item_id: c for c in cands}, min((c.score for c in cands), default=0.0)
         out = []

@@ -37,10 +37,13 @@ def test_rank_hybrid_changes_only_queries_with_words():
     g = pd.DataFrame({"item_id": IDS})
     g_emb = rng.standard_normal((len(IDS), 8)).astype(np.float32)
     g_emb /= np.linalg.norm(g_emb, axis=1, keepdims=True)
-    q_emb = g_emb[[4, 4, 4]]   # every query looks like the watch
-    texts = [None, "wooden table kitchen", "  "]
+    q_emb = g_emb[[4]]   # every query looks like the watch
+    q = pd.DataFrame({"image": [None, "photo.jpg", "photo.jpg", None],
+                      "text": [None, "wooden table kitchen", "  ", "wooden table kitchen"]})
     index = LexicalIndex(IDS, DOCS)
-    dense = rank_hybrid(q_emb, texts, g, g_emb, index, HybridConfig(weight=0.0), k=3)
-    fused = rank_hybrid(q_emb, texts, g, g_emb, index, HybridConfig(weight=3.0), k=3)
-    assert list(dense[0]) == list(fused[0]) and list(dense[2]) == list(fused[2])
+    dense = rank_hybrid(q_emb[[0, 0, 0, 0]], q, g, g_emb, index, HybridConfig(), k=3)
+    fused = rank_hybrid(q_emb[[0, 0, 0, 0]], q, g, g_emb, index, HybridConfig(weight=3.0, text_only_weight=0.0), k=3)
+    assert [list(r) for r in dense[[0, 2, 3]]] == [list(r) for r in fused[[0, 2, 3]]]   # no words / no weight
     assert dense[1][0] == "it4" and fused[1][0] == "it3"
+    text_only = rank_hybrid(q_emb[[0, 0, 0, 0]], q, g, g_emb, index, HybridConfig(text_only_weight=3.0), k=3)
+    assert text_only[3][0] == "it3" and text_only[1][0] == "it4"

@@ -190,13 +190,13 @@ def test_cli_search_prints_json(tiny_lineage, catalog, capsys, monkeypatch):
 def test_hybrid_search_merges_the_lexical_matches_of_the_words(tiny_lineage, searcher, catalog):
     """serving.hybrid: a text query's words pull the item with that title to the top (the tiny
     random model alone cannot); lexical_weight 0 is the embedding order alone."""
-    assert searcher.hybrid.weight > 0
+    assert searcher.hybrid.text_only_weight > 0
     row = gallery(catalog).iloc[3]
     res = searcher.search(None, row["title"], k=5)
     assert res.results[0].title == row["title"] and res.results[0].lexical > 0.5
     assert [c.score for c in res.results] == sorted((c.score for c in res.results), reverse=True)
-    off = pl.build_searcher(deep_merge(tiny_lineage, {"serving": {"hybrid": {"lexical_weight": 0.0}}}),
-                            embedder=searcher.embedder, info=searcher.model)
+    no_words = {"serving": {"hybrid": {"lexical_weight": 0.0, "text_only_weight": 0.0}}}
+    off = pl.build_searcher(deep_merge(tiny_lineage, no_words), embedder=searcher.embedder, info=searcher.model)
     plain = off.search(None, row["title"], k=5)
     assert all(c.lexical is None for c in plain.results)
     assert [c.item_id for c in plain.results] == [c.item_id for c in
