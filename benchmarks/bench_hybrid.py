@@ -17,16 +17,14 @@ from dataclasses import replace
 
 import pandas as pd
 
-from data.schema import Catalog
 from evaluation.floors import tfidf
-from evaluation.retrieval import (cached_gallery, encode_queries, item_lexical_index, query_groups, rank_hybrid,
-                                  ranked_levels)
+from evaluation.retrieval import (cached_gallery, encode_queries, item_lexical_index, lineage_queries, query_groups,
+                                  rank_hybrid, ranked_levels)
 from evaluation.metrics import per_query_metrics
 from pailitao.config import Paths, load_params
 from retrieval.lexical import HybridConfig
 from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
-from training.vlm import use_feature_cache
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)
 
@@ -42,11 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.profile, {"workdir": args.workdir} if args.workdir else None)
     paths = Paths.from_params(params)
-    use_feature_cache(paths.feature_cache)
-    catalog = Catalog.load(paths.asset("validated_catalog"))
-    root = paths.asset("query_sets")
-    q = pd.read_parquet(root / "queries.parquet")
-    q = q[q["split"] == args.split].groupby("level", group_keys=False).head(args.per_level).reset_index(drop=True)
+    catalog, root, q = lineage_queries(params, args.split, args.per_level)
     path = paths.asset(args.model) / "model"
     dim = params["model"]["served_dim"]
     emb = MLLMEmbedder.from_pretrained(path)

@@ -28,13 +28,12 @@ from data.schema import Catalog
 from evaluation.compare import bootstrap_mean_ci, paired_bootstrap
 from evaluation.floors import FLOORS, applicable
 from evaluation.metrics import per_query_metrics
-from evaluation.retrieval import (cached_gallery, encode_queries, gallery, item_lexical_index, query_groups,
-                                  rank_hybrid, rank_items, ranked_levels)
+from evaluation.retrieval import (cached_gallery, encode_queries, gallery, item_lexical_index, lineage_queries,
+                                  query_groups, rank_hybrid, rank_items, ranked_levels)
 from pailitao.config import Paths, load_params
 from retrieval.lexical import HybridConfig
 from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
-from training.vlm import use_feature_cache
 
 MODELS = {"base model (zero-shot)": "base_model", "stage 1": "stage1_embedder",
           "control (contrastive)": "baseline_embedder", "ID model (prototypes)": "embedding_model"}
@@ -73,14 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.profile, {"workdir": args.workdir} if args.workdir else None)
     paths = Paths.from_params(params)
-    use_feature_cache(paths.feature_cache)
-    catalog = Catalog.load(paths.asset("validated_catalog"))
-    root = paths.asset("query_sets")
-    q = pd.read_parquet(root / "queries.parquet")
-    q = q[q["split"] == "test"]
-    if args.per_level:
-        q = q.groupby("level", group_keys=False).head(args.per_level)
-    q = q.reset_index(drop=True)
+    catalog, root, q = lineage_queries(params, "test", args.per_level)
     dim = params["model"]["served_dim"]
     arms, seconds = {}, {}
     lexical, hybrid = item_lexical_index(catalog), HybridConfig.from_params(params)

@@ -158,3 +158,19 @@ def item_lexical_index(catalog: Catalog):
     from retrieval.lexical import LexicalIndex
 
     return LexicalIndex(*item_documents(catalog))
+
+
+def lineage_queries(params: dict, split: str = "test", per_level: int | None = None):
+    """(catalog, query root, queries) of a lineage's query_sets: one split, at most per_level a group.
+    Also points the tower feature cache at the lineage's (benchmarks re-embed its queries)."""
+    from pailitao.config import Paths
+    from training.vlm import use_feature_cache
+
+    paths = Paths.from_params(params)
+    use_feature_cache(paths.feature_cache)
+    root = paths.asset("query_sets")
+    q = pd.read_parquet(root / "queries.parquet")
+    q = q[q["split"] == split]
+    if per_level:
+        q = q.groupby("level", group_keys=False).head(per_level)
+    return Catalog.load(paths.asset("validated_catalog")), root, q.reset_index(drop=True)

@@ -21,9 +21,26 @@ def to_metadata(res: stages.StageResult) -> dict:
     return md
 
 
+def release_memory() -> None:
+    """Hand the memory a finished stage freed back to the OS. Why: `make demo` runs every asset in
+    one process, and glibc keeps freed model weights and feature arrays in its arenas: the lineage
+    peaked at 14 GB RSS though no asset alone needs 4.5 GB."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        pass
+
+
 def materialize(stage, context: AssetExecutionContext, pipeline: PipelineConfig,
                 mlflow: MlflowTracking) -> MaterializeResult:
-    res = stage(pipeline.params(mlflow), dagster_run_id=context.run_id)
+    try:
+        res = stage(pipeline.params(mlflow), dagster_run_id=context.run_id)
+    finally:
+        release_memory()
     return MaterializeResult(metadata=to_metadata(res))
 
 
