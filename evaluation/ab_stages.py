@@ -83,10 +83,11 @@ def embed_arms(params: dict, catalog: Catalog, queries: pd.DataFrame, root: Path
 
 
 def _load_arm(params: dict, stage: str, catalog: Catalog) -> tuple:
-    path = Paths.from_params(params).asset(stage) / "model"
-    use_feature_cache(Paths.from_params(params).feature_cache)   # test queries: one tower pass for both arms
+    paths = Paths.from_params(params)
+    path = paths.asset(stage) / "model"
+    use_feature_cache(paths.feature_cache)   # test queries: one tower pass for both arms
     embedder = MLLMEmbedder.from_pretrained(path)
-    g, g_emb = cached_gallery(Paths.from_params(params).gallery_cache, model_fingerprint(path), lambda: embedder,
+    g, g_emb = cached_gallery(paths.gallery_cache, model_fingerprint(path), lambda: embedder,
                               catalog, params["model"]["served_dim"])
     index = faiss.IndexFlatIP(g_emb.shape[1])
     index.add(g_emb)

@@ -23,6 +23,7 @@ from data.schema import Catalog
 from evaluation.metrics import retrieval_report
 from evaluation.retrieval import (TOP_K, gallery, item_documents, item_lexical_index, query_groups,
                                   rank_items, ranked_levels)
+from retrieval.lexical import top_matches
 
 THUMB_SIZE = 16
 QUERY_BLOCK = 256   # queries scored at once against the whole catalog (memory: block x items floats)
@@ -69,20 +70,13 @@ def thumbnail_knn(catalog: Catalog, queries: pd.DataFrame, query_root: Path, k: 
 
 
 # ------------------------------------------------------------------------------------------ text
-def _top(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
-    """[q, k] item ids by descending score (ties: gallery order); a score <= 0 shares no word: no result."""
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    best = np.take_along_axis(scores, order, axis=1)
-    return np.where(best > 0, ids[order], None).astype(object)
-
-
 def _rank_text(score_block, queries: pd.DataFrame, ids: np.ndarray, k: int) -> np.ndarray:
     out = np.full((len(queries), k), None, dtype=object)
     rows = np.flatnonzero(_present(queries["text"]))
     texts = queries["text"].to_numpy()
     for s in range(0, len(rows), QUERY_BLOCK):
         block = rows[s:s + QUERY_BLOCK]
-        top = _top(score_block([str(t) for t in texts[block]]), ids, k)
+        top, _ = top_matches(score_block([str(t) for t in texts[block]]), ids, k)   # ties: gallery order
         out[block, :top.shape[1]] = top
     return out
 

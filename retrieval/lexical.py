@@ -50,11 +50,16 @@ class LexicalIndex:
 
     def top(self, texts, k: int) -> tuple[np.ndarray, np.ndarray]:
         """([Q, k] item ids (None past the matches), [Q, k] cosines), best first; ties in item order."""
-        s = self.scores(texts)
-        k = min(int(k), s.shape[1])
-        order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-        best = np.take_along_axis(s, order, axis=1)
-        return np.where(best > 0, self.ids[order], None).astype(object), best
+        return top_matches(self.scores(texts), self.ids, k)
+
+
+def top_matches(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """([Q, k] ids by descending score, None where the score is <= 0: nothing shared; [Q, k] scores).
+    Ties keep the ids' order."""
+    k = min(int(k), scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=1)
+    return np.where(best > 0, np.asarray(ids, dtype=object)[order], None).astype(object), best
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class HybridConfig:
 
 def hybrid_merge(dense_ids, dense_scores, lex_ids, lex_scores, weight: float) -> tuple[list, list[float]]:
     """One query: (item ids, fused scores), best first. dense_*: the ANN candidates (distinct
-    items, best first); lex_*: the lexical candidates (None ids ignored)."""
+    items, best first); lex_*: the lexical candidates (None ids and scores <= 0 ignored)."""
     dense = {i: float(s) for i, s in zip(dense_ids, dense_scores) if i is not None}
     lex = {i: float(s) for i, s in zip(lex_ids, lex_scores) if i is not None and s > 0}
     floor = min(dense.values()) if dense else 0.0

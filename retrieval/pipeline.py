@@ -244,10 +244,15 @@ class ItemTable:
         self._order = np.argsort(item, kind="stable")
         self._sorted_items = item[self._order]
         self.n = len(t)
-        # what the lexical side indexes per item (item_embeddings writes title + keywords as `document`)
+        self._table = t
+
+    def documents(self) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, the text the lexical side indexes for each): item_embeddings writes title +
+        keywords as `document`; an older table has the title only."""
+        t = self._table
         first = ~t["item_id"].astype(str).duplicated()
-        self.documents = (t.loc[first, "item_id"].astype(str).to_numpy(),
-                          t.loc[first, "document" if "document" in t else "title"].to_numpy(dtype=object))
+        return (t.loc[first, "item_id"].astype(str).to_numpy(),
+                t.loc[first, "document" if "document" in t else "title"].to_numpy(dtype=object))
 
     @classmethod
     def load(cls, emb_dir: str | Path) -> "ItemTable":
@@ -392,7 +397,7 @@ class Searcher:
                 if missing:
                     raise ValueError(f"index {meta['version']}: {missing} of its first ids are not in "
                                      f"{self.embeddings_dir / 'items.parquet'}")
-                lexical = LexicalIndex(*items.documents) if self.hybrid.enabled else None
+                lexical = LexicalIndex(*items.documents()) if self.hybrid.enabled else None
                 self._snap = _Snapshot(loaded, items, meta["version"], lexical)
                 self.reloads += 1
                 self.last_error = None
@@ -473,8 +478,9 @@ class Searcher:
                                    image=str(path) if path else None))
             if len(cands) == want:
                 break
-        if text and snap.lexical is not None and self.hybrid.weight_for(im is not None) > 0:
-            cands = self._merge_lexical(snap, text, cands, want, self.hybrid.weight_for(im is not None))
+        weight = self.hybrid.weight_for(im is not None)
+        if text and snap.lexical is not None and weight > 0:
+            cands = self._merge_lexical(snap, text, cands, want, weight)
         t3 = time.perf_counter()
         ranked = self.reranker(Query(im, text or None, q), cands)[: int(k)]
         t4 = time.perf_counter()
@@ -490,14 +496,14 @@ class Searcher:
         order, fused = hybrid_merge([c.item_id for c in cands], [c.score for c in cands], lex_ids[0], lex_s[0],
                                     weight)
         lex = {i: float(s) for i, s in zip(lex_ids[0], lex_s[0]) if i is not None}
-        by_id, floor = {c.item_id: c for c in cands}, min((c.score for c in cands), default=0.0)
+        by_id = {c.item_id: c for c in cands}
         out = []
         for item_id, score in zip(order[:want], fused):
             c = by_id.get(item_id)
             if c is None:   # a lexical-only match: its first catalog image
                 r = snap.items.item(item_id)
                 p = snap.items.image_path(r["image_ids"][0])
-                c = Candidate(item_id, r["image_ids"][0], r["title"], r["category"], r["group_id"], floor,
+                c = Candidate(item_id, r["image_ids"][0], r["title"], r["category"], r["group_id"], score,
                               image=str(p) if p else None)
             c.score, c.lexical = score, lex.get(item_id)
             out.append(c)

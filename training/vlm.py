@@ -13,6 +13,7 @@ seeded noisy training views are encoded by the tower once across all stages.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -177,16 +178,17 @@ class FeatureCache:
 MAX_TEXT_CHARS = 256   # words beyond this do not reach the n-gram term (a query is a few words)
 
 
+@functools.lru_cache(maxsize=4)
+def _char_wb(lo: int, hi: int):
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return CountVectorizer(analyzer="char_wb", ngram_range=(lo, hi)).build_analyzer()
+
+
 def char_ngrams(text: str, lo: int, hi: int) -> list[str]:
-    """Character n-grams of each lower-cased word padded with spaces (scikit-learn's char_wb)."""
-    grams = []
-    for w in text.lower()[:MAX_TEXT_CHARS].split():
-        w = f" {w} "
-        for n in range(lo, hi + 1):
-            grams += [w[i:i + n] for i in range(max(1, len(w) - n + 1))]
-            if len(w) <= n:   # a word shorter than n is one gram, once
-                break
-    return grams
+    """Character n-grams of each lower-cased word padded with spaces: scikit-learn's char_wb, the
+    analyzer the lexical side of search (retrieval/lexical.py) uses too."""
+    return _char_wb(int(lo), int(hi))(text[:MAX_TEXT_CHARS])
 
 
 class TextNgrams(nn.Module):
