@@ -89,10 +89,11 @@ def rank_items(q_emb: np.ndarray, g: pd.DataFrame, g_emb: np.ndarray, k: int = T
 def rank_hybrid(q_emb: np.ndarray, queries: pd.DataFrame, g: pd.DataFrame, g_emb: np.ndarray, lexical, cfg,
                 k: int = TOP_K) -> np.ndarray:
     """rank_items merged with the lexical candidates of each query's words (retrieval/lexical.py):
-    what the service returns. Queries without words, or a weight of 0, keep the dense order."""
+    what the service returns (its top cfg.dense dense items merged, the deeper dense ones after).
+    Queries without words, or a weight of 0, keep the dense order."""
     from retrieval.lexical import hybrid_merge
 
-    ranked, scores = rank_items(q_emb, g, g_emb, max(k, cfg.candidates), with_scores=True)
+    ranked, scores = rank_items(q_emb, g, g_emb, max(k, cfg.dense), with_scores=True)
     texts = [t if isinstance(t, str) and t.strip() else None for t in queries["text"]]
     weights = [cfg.weight_for(isinstance(p, str)) for p in queries["image"]]
     rows = [i for i, t in enumerate(texts) if t is not None and weights[i] > 0]
@@ -100,7 +101,9 @@ def rank_hybrid(q_emb: np.ndarray, queries: pd.DataFrame, g: pd.DataFrame, g_emb
     if rows:
         lex_ids, lex_s = lexical.top([texts[i] for i in rows], cfg.candidates)
         for r, li, ls in zip(rows, lex_ids, lex_s):
-            order, _ = hybrid_merge(ranked[r], scores[r], li, ls, weights[r])
+            order, _ = hybrid_merge(ranked[r, :cfg.dense], scores[r, :cfg.dense], li, ls, weights[r])
+            merged = set(order)
+            order += [i for i in ranked[r, cfg.dense:] if i is not None and i not in merged]
             out[r] = (order + [None] * k)[:k]
     return out
 

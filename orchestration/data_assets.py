@@ -22,9 +22,10 @@ def to_metadata(res: stages.StageResult) -> dict:
 
 
 def release_memory() -> None:
-    """Hand the memory a finished stage freed back to the OS. Why: `make demo` runs every asset in
-    one process, and glibc keeps freed model weights and feature arrays in its arenas: the lineage
-    peaked at 14 GB RSS though no asset alone needs 4.5 GB."""
+    """Hand the memory a finished stage freed back to the OS. Why: where assets share a process
+    (execute_in_process, as some tests run the job), glibc keeps freed model weights and feature arrays
+    in its arenas (the one-process demo lineage peaked at 14 GB though no asset alone needs 4.5 GB).
+    The lineage job itself runs each step in its own process (orchestration/definitions.py)."""
     import ctypes
     import gc
 

@@ -1,5 +1,6 @@
-"""Run the lineage job in-process against the local Dagster instance (DAGSTER_HOME, default
-.dagster/), so `make demo` runs show up in the Dagster UI afterwards."""
+"""Run the lineage job against the local Dagster instance (DAGSTER_HOME, default .dagster/), so
+`make demo` runs show up in the Dagster UI afterwards: each step in its own process (the job's
+executor), or all in this one (in_process: quicker to start, for tests)."""
 from __future__ import annotations
 
 import os
@@ -22,14 +23,22 @@ def instance() -> DagsterInstance:
 
 
 def execute(profile: str | None = None, dataset: str | None = None, workdir: str | None = None,
-            dagster_instance: DagsterInstance | None = None):
-    from orchestration.definitions import defs
+            dagster_instance: DagsterInstance | None = None, in_process: bool = False):
+    """The lineage run's result. Step processes take everything from the run config (they start
+    from a fork server that may predate this call's environment), so the MLflow URI is in it too."""
+    from dagster import execute_job, reconstructable
+
+    from orchestration.definitions import lineage
 
     config = {"profile": profile or "", "dataset": dataset or "", "workdir": workdir or ""}
-    return defs.resolve_job_def("lineage").execute_in_process(
-        instance=dagster_instance or instance(), raise_on_error=False,
-        run_config={"resources": {"pipeline": {"config": config}},
-                    "loggers": {"console": {"config": {"log_level": "INFO"}}}})
+    run_config = {"resources": {"pipeline": {"config": config},
+                                "mlflow": {"config": {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", "")}}},
+                  "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    if in_process:
+        return lineage().execute_in_process(instance=dagster_instance or instance(), raise_on_error=False,
+                                            run_config=run_config)
+    return execute_job(reconstructable(lineage), instance=dagster_instance or instance(), run_config=run_config,
+                       raise_on_error=False)
 
 
 def decisions(result) -> str:

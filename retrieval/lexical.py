@@ -8,8 +8,9 @@ measures both). The merge keeps the embedding's order where the words say nothin
 
     fused score = dense cosine + weight * TF-IDF cosine   (one weight with a photo, one without)
 
-over the union of the dense top candidates and the lexical top candidates; a lexical candidate the
-ANN search did not return gets the lowest dense score of those it did (a bound, not a guess).
+over the union of the dense top `serving.candidates` and the lexical top `lexical_candidates` (the
+same depths in evaluation and in the service, whatever k a request asks for); a lexical candidate
+the ANN search did not return gets the lowest dense score of those it did (a bound, not a guess).
 The same functions serve evaluation (evaluation/retrieval.py) and the service (retrieval/pipeline.py).
 """
 from __future__ import annotations
@@ -67,12 +68,14 @@ class HybridConfig:
     weight: float = 0.0            # of the TF-IDF cosine beside the dense cosine, photo + words (0: dense order)
     text_only_weight: float = 0.0  # ... for words without a photo: they are all the evidence there is
     candidates: int = 100          # lexical candidates merged with the dense ones
+    dense: int = 50                # dense candidates they merge into (serving.candidates)
 
     @classmethod
     def from_params(cls, params: dict) -> "HybridConfig":
-        h = (params.get("serving") or {}).get("hybrid") or {}
+        s = params.get("serving") or {}
+        h = s.get("hybrid") or {}
         return cls(float(h.get("lexical_weight", 0.0)), float(h.get("text_only_weight", 0.0)),
-                   int(h.get("lexical_candidates", 100)))
+                   int(h.get("lexical_candidates", 100)), int(s.get("candidates", 50)))
 
     def weight_for(self, has_image: bool) -> float:
         return self.weight if has_image else self.text_only_weight

@@ -459,9 +459,11 @@ class Searcher:
         t1 = time.perf_counter()
         q = self.embed(im, text or None)
         t2 = time.perf_counter()
-        want = max(int(k), self.candidates)
+        weight = self.hybrid.weight_for(im is not None)
+        hybrid = bool(text) and snap.lexical is not None and weight > 0
+        # a reranker and the lexical merge see the top serving.candidates, whatever k the request asks
+        want = max(int(k), self.candidates) if hybrid or self.reranker is not identity_rerank else int(k)
         # an item may have several catalog images: search deeper, keep each item's best image
-        want = want if self.reranker is not identity_rerank else int(k)
         scores, ids = snap.loaded.search(q[None, :], min(snap.loaded.index.ntotal, 2 * want))
         pos = snap.items.positions(ids[0])
         cands, seen, cols = [], set(), snap.items.cols
@@ -478,8 +480,7 @@ class Searcher:
                                    image=str(path) if path else None))
             if len(cands) == want:
                 break
-        weight = self.hybrid.weight_for(im is not None)
-        if text and snap.lexical is not None and weight > 0:
+        if hybrid:
             cands = self._merge_lexical(snap, text, cands, want, weight)
         t3 = time.perf_counter()
         ranked = self.reranker(Query(im, text or None, q), cands)[: int(k)]

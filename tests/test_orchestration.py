@@ -1,7 +1,8 @@
-"""The Dagster Definitions: the lineage job materializes in-process on the tiny profile, and a
-failed blocking Great Expectations check stops everything downstream."""
+"""The Dagster Definitions: the lineage job materializes on the tiny profile with each step in its
+own process (as `make demo` and the UI run it), and a failed blocking Great Expectations check stops
+everything downstream."""
 import pandas as pd
-from dagster import DagsterInstance
+from dagster import DagsterInstance, instance_for_test
 
 from data.validation import CHECK_NAMES
 from orchestration.definitions import defs
@@ -35,9 +36,12 @@ def test_definitions_hold_the_lineage_and_blocking_checks():
 
 
 def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
-    result = execute(profile="tiny", workdir=str(tmp_path / "work"),
-                     dagster_instance=DagsterInstance.ephemeral())
+    with instance_for_test() as instance:   # step processes need a persistent instance
+        result = execute(profile="tiny", workdir=str(tmp_path / "work"), dagster_instance=instance)
+        workers = {ev.step_key: ev.event_specific_data.metadata["pid"].value for ev in result.all_events
+                   if ev.event_type_value == "STEP_WORKER_STARTED"}
     assert result.success
+    assert len(set(workers.values())) == len(workers) >= len(LINEAGE)   # one process per step
     done = _materialized(result)
     assert sorted(done) == sorted(LINEAGE) and done[:4] == LINEAGE[:4]
     checks = _checks(result)
@@ -67,7 +71,7 @@ def test_failed_blocking_check_stops_downstream(tmp_path, mlflow_uri):
     items = (root / "items.csv").read_text().splitlines()
     (root / "items.csv").write_text("\n".join(items + [items[1]]) + "\n")  # duplicate item_id
     result = execute(profile="tiny", dataset=str(root), workdir=str(tmp_path / "work"),
-                     dagster_instance=DagsterInstance.ephemeral())
+                     dagster_instance=DagsterInstance.ephemeral(), in_process=True)
     assert _materialized(result) == ["raw_catalog"]
     checks = _checks(result)
     assert not checks["unique_item_id"].passed

@@ -195,6 +195,13 @@ def test_hybrid_search_merges_the_lexical_matches_of_the_words(tiny_lineage, sea
     res = searcher.search(None, row["title"], k=5)
     assert res.results[0].title == row["title"] and res.results[0].lexical > 0.5
     assert [c.score for c in res.results] == sorted((c.score for c in res.results), reverse=True)
+    # the merge sees the top serving.candidates whatever k is: fewer results are a prefix of more
+    # (a light weight makes the merge depend on the depth of the dense list it floors to)
+    light = pl.build_searcher(deep_merge(tiny_lineage, {"serving": {"hybrid": {"text_only_weight": 0.01}}}),
+                              embedder=searcher.embedder, info=searcher.model)
+    for title in gallery(catalog)["title"].head(12):
+        deep = [c.item_id for c in light.search(None, title, k=8).results]
+        assert [[c.item_id for c in light.search(None, title, k=k).results] for k in (1, 2)] == [deep[:1], deep[:2]]
     no_words = {"serving": {"hybrid": {"lexical_weight": 0.0, "text_only_weight": 0.0}}}
     off = pl.build_searcher(deep_merge(tiny_lineage, no_words), embedder=searcher.embedder, info=searcher.model)
     plain = off.search(None, row["title"], k=5)
