@@ -45,6 +45,34 @@ def per_query(ranked: np.ndarray, queries: pd.DataFrame, catalog: Catalog) -> pd
     return pq.assign(group=query_groups(queries).to_numpy())
 
 
+def arm_rows(arms: dict[str, pd.DataFrame]) -> list[dict]:
+    """Per arm and query group (and all): I-HR@1 with its 95% bootstrap interval, C-HR@1, R@10."""
+    rows = []
+    for arm, pq in arms.items():
+        for group, part in [("all", pq), *pq.groupby("group")]:
+            lo_hi = bootstrap_mean_ci(part["I-HR@1"].to_numpy(), n_boot=1000) if len(part) else (np.nan,) * 3
+            rows.append({"arm": arm, "group": group, "queries": len(part), "I-HR@1": lo_hi[0],
+                         "95% CI": f"[{lo_hi[1]:.1f}, {lo_hi[2]:.1f}]", "C-HR@1": part["C-HR@1"].mean(),
+                         "R@10": part["R@10"].mean()})
+    return rows
+
+
+def paired_tests(arms: dict[str, pd.DataFrame], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Paired bootstrap of I-HR@1, arm minus the other, on the queries both ranked, per group."""
+    tests = []
+    for arm, other in pairs:
+        a, b = arms[other], arms[arm]
+        common = a.index.intersection(b.index)
+        for group in ["all", *sorted(set(b.loc[common, "group"]))]:
+            idx = common if group == "all" else common[b.loc[common, "group"] == group]
+            if len(idx) < 10:
+                continue
+            r = paired_bootstrap(a.loc[idx, "I-HR@1"].to_numpy(), b.loc[idx, "I-HR@1"].to_numpy(), n_boot=1000)
+            tests.append({"arm": arm, "minus": other, "group": group, "queries": len(idx), **{
+                k: r[k] for k in ("diff", "ci_low", "ci_high", "p_value") if k in r}})
+    return tests
+
+
 def tower_rank(embedder: MLLMEmbedder, catalog: Catalog, queries: pd.DataFrame, root: Path) -> np.ndarray:
     """The vision tower alone: mean of its pooled feature map, cosine kNN (image queries only)."""
     def feats(files) -> np.ndarray:
@@ -100,33 +128,17 @@ def main() -> None:
             words = applicable("tfidf", q)
             arms[f"{label} + lexical (hybrid)"] = per_query(
                 rank_hybrid(q_emb, q, g, g_emb, lexical, hybrid), q, catalog)[words]
-    rows = []
-    for arm, pq in arms.items():
-        for group, part in [("all", pq), *pq.groupby("group")]:
-            lo_hi = bootstrap_mean_ci(part["I-HR@1"].to_numpy(), n_boot=1000) if len(part) else (np.nan,) * 3
-            rows.append({"arm": arm, "group": group, "queries": len(part), "I-HR@1": lo_hi[0],
-                         "95% CI": f"[{lo_hi[1]:.1f}, {lo_hi[2]:.1f}]", "C-HR@1": part["C-HR@1"].mean(),
-                         "R@10": part["R@10"].mean()})
+    rows = arm_rows(arms)
     table = pd.DataFrame(rows)
     m = params["model"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; profile "
           f"{params['profile']}, preset {m['preset']}, base {m.get('base')}, served_dim {dim}; "
           f"{len(q)} test queries, gallery {len(gallery(catalog))} catalog images\n")
     print(table.to_markdown(index=False, floatfmt=".2f"))
-    tests = []
     ident, served = "ID model (prototypes)", "ID model (prototypes) + lexical (hybrid)"
     pairs = [(ident, other) for other in arms if other not in (ident, served)] if ident in arms else []
     pairs += [(served, other) for other in ("tfidf", "bm25", ident)] if served in arms else []
-    for arm, other in pairs:
-        a, b = arms[other], arms[arm]
-        common = a.index.intersection(b.index)
-        for group in ["all", *sorted(set(b.loc[common, "group"]))]:
-            idx = common if group == "all" else common[b.loc[common, "group"] == group]
-            if len(idx) < 10:
-                continue
-            r = paired_bootstrap(a.loc[idx, "I-HR@1"].to_numpy(), b.loc[idx, "I-HR@1"].to_numpy(), n_boot=1000)
-            tests.append({"arm": arm, "minus": other, "group": group, "queries": len(idx), **{
-                k: r[k] for k in ("diff", "ci_low", "ci_high", "p_value") if k in r}})
+    tests = paired_tests(arms, pairs)
     if tests:
         print("\nPaired bootstrap, I-HR@1 (arm minus the other, same queries):\n")
         print(pd.DataFrame(tests).to_markdown(index=False, floatfmt=".2f"))

@@ -99,9 +99,11 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
         m = params["margin"]
         head = ShardedPrototypeHead(np.load(proto_dir / "centroids.npy", mmap_mode="r"),
                                     params["model"]["mrl_dims"], params["model"]["mrl_weights"],
-                                    m["margin"], m["temperature"], knn_fraction=m["knn_fraction"],
+                                    m["margin"], m["temperature"], knn_k=min(int(m["knn_k"]), len(protos) - 1),
                                     refresh_steps=m["knn_refresh_steps"], sampler=m["sampler"],
-                                    seed=params["seed"], row_dtype=getattr(torch, m["row_dtype"]))
+                                    seed=params["seed"], row_dtype=getattr(torch, m["row_dtype"]),
+                                    row_update=m["row_update"], row_renorm=m["row_renorm"],
+                                    ema_decay=m["ema_decay"])
         neighbours = head.neighbours(params["train"]["batch_size"])
         extra["prototypes"] = len(protos)
     else:
@@ -234,6 +236,19 @@ def baseline_embedder(params: dict, dagster_run_id: str | None = None) -> StageR
                   params["train"]["stage3_lr"])
 
 
+def library_shape(prototypes: pd.DataFrame, items: pd.DataFrame) -> dict:
+    """Members per prototype (median, p90, max), instances per prototype (mean), and group purity:
+    the share of items whose prototype's most common instance is their own (1.0 when prototypes
+    are the instances; what pooling many listings of one product must keep high)."""
+    group = dict(zip(items["item_id"].astype(str), items["group_id"].astype(str)))
+    groups = [[group.get(str(m), str(m)) for m in members] for members in prototypes["members"]]
+    major = [pd.Series(g).value_counts().iloc[0] if len(g) else 0 for g in groups]
+    n = prototypes["n_members"].to_numpy()
+    return {"members_p50": float(np.median(n)), "members_p90": float(np.quantile(n, 0.9)), "members_max": int(n.max()),
+            "instances_per_prototype": float(np.mean([len(set(g)) for g in groups])),
+            "group_purity": float(sum(major) / max(int(n.sum()), 1))}
+
+
 def semantic_prototypes(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """Stage 2: prototype library curated from stage-1 embeddings of the train items."""
     paths, catalog, splits = _inputs(params)
@@ -242,6 +257,7 @@ def semantic_prototypes(params: dict, dagster_run_id: str | None = None) -> Stag
     emb = embedder.encode([Image.open(p).convert("RGB") for p in items.table["image"]],
                           items.table["title"].tolist(), batch_size=64, progress=True)
     result = curate(items.table, emb, params["prototypes"])
+    result.stats.update(library_shape(result.prototypes, items.table))
     out = paths.asset("semantic_prototypes")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

@@ -105,6 +105,24 @@ def _id_module(params, steps):
     return module, make_loader(ds, params, head.neighbours(4))
 
 
+def test_info_nce_and_margin_terms_both_move_the_stage3_loss(tiny):
+    """Stage 3's loss is margin loss over the prototype rows + info_nce_weight x InfoNCE(query, item):
+    on one planted batch, switching either term changes the loss."""
+    def loss_with(margin: dict) -> tuple[float, dict]:
+        module, loader = _id_module(deep_merge(tiny, {"margin": margin}), 3)
+        batch = next(iter(loader))
+        torch.manual_seed(0)
+        module.eval()   # no dropout: the same embeddings for every variant
+        with torch.enable_grad():
+            return float(module.training_step(batch, 0)), module.head.margin
+
+    base, _ = loss_with({"margin": 0.2, "info_nce_weight": 0.0})
+    no_margin, m = loss_with({"margin": 0.0, "info_nce_weight": 0.0})
+    with_nce, _ = loss_with({"margin": 0.2, "info_nce_weight": 1.0})
+    assert m == 0.0 and no_margin < base   # the margin makes the target harder
+    assert with_nce > base + 1e-3          # InfoNCE adds a positive term
+
+
 class RowsAt(L.Callback):
     """The head's rows (and step) as they are when training step `step` starts."""
 

@@ -124,9 +124,12 @@ class RandomBatchSampler(torch.utils.data.Sampler):
 
 
 class SimilarPrototypeBatchSampler(RandomBatchSampler):
-    """Batches that deliberately mix semantically similar prototypes (PAPER, stage 3): each batch
-    starts from a random prototype and is filled with its nearest prototypes' items, so the margin
-    has to separate look-alikes. `neighbours` [U, k] comes from the prototype KNN graph."""
+    """Batches of look-alike prototypes (PAPER, stage 3), so the margin has to separate them: each
+    batch starts from a prototype no batch of this epoch held yet and is filled with its nearest
+    prototypes, held before or not, so the last batch of an epoch is as similar as the first (a
+    greedy fill from the unused ones ran out of neighbours within an epoch). An epoch is len(self)
+    batches, identical on every rank (each takes every world-th). `neighbours` [U, k] comes from the
+    prototype KNN graph; `set_neighbours` swaps in a refreshed graph from the next batch on."""
 
     def __init__(self, labels: torch.Tensor, batch_size: int, neighbours: np.ndarray, seed: int = 0):
         super().__init__(labels, batch_size, seed)
@@ -134,18 +137,33 @@ class SimilarPrototypeBatchSampler(RandomBatchSampler):
         self.by_class: dict[int, list[int]] = {}
         for i, c in enumerate(self.labels):
             self.by_class.setdefault(int(c), []).append(i)
+        self.classes = np.array(sorted(self.by_class))
 
-    def _batches(self, rng: np.random.Generator) -> list[list[int]]:
-        classes = rng.permutation(list(self.by_class))
-        used: set[int] = set()
-        batches = []
-        for c in classes:
-            if c in used:
-                continue
-            batch_classes = [c] + [int(n) for n in self.neighbours[c] if n in self.by_class and n not in used]
-            batch_classes = batch_classes[: self.bs]
-            used.update(batch_classes)
-            batches.append([int(rng.choice(self.by_class[k])) for k in batch_classes])
-        # top up short batches from the leftovers so every batch is full-sized
-        flat = [i for b in batches for i in b]
-        return [flat[j:j + self.bs] for j in range(0, len(flat) - self.bs + 1, self.bs)] or [flat]
+    def set_neighbours(self, neighbours: np.ndarray) -> None:
+        self.neighbours = neighbours
+
+    def _batch(self, anchor: int, rng: np.random.Generator) -> list[int]:
+        chosen = [anchor] + [int(n) for n in self.neighbours[anchor] if int(n) != anchor and int(n) in self.by_class]
+        chosen = list(dict.fromkeys(chosen))[: self.bs]
+        if len(chosen) < self.bs:   # a short neighbour list: random other classes fill the batch
+            rest = np.setdiff1d(self.classes, chosen)
+            chosen += [int(c) for c in rng.permutation(rest)[: self.bs - len(chosen)]]
+        return [int(rng.choice(self.by_class[c])) for c in chosen]
+
+    def __iter__(self):
+        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        world, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        offset = (self.epoch - 1) * len(self.labels)
+        order, held = iter(rng.permutation(self.classes)), set()
+        for b in range(max(1, len(self) // world) * world):
+            anchor = next((int(c) for c in order if int(c) not in held), None)
+            if anchor is None:   # every prototype held once: anchors start over
+                order, held = iter(rng.permutation(self.classes)), set()
+                anchor = int(next(order))
+            batch = self._batch(anchor, rng)
+            held.update(int(self.labels[i]) for i in batch)
+            if b % world == rank:
+                yield [offset + i for i in batch]

@@ -37,6 +37,7 @@ class EmbeddingModule(L.LightningModule):
         self.total_steps, self.dataset = total_steps, dataset
         self.lr = float(lr if lr is not None else self.t["lr"])   # backbone base lr of this stage
         self.hard: np.ndarray | None = None   # [N, H] dataset indices of mined hard negatives
+        self._graph_seen = head.num_refreshes if head is not None else 0   # the graph the sampler has
         self.embedder.train()   # from_pretrained hands back an eval-mode model
 
     def setup(self, stage: str) -> None:
@@ -71,7 +72,15 @@ class EmbeddingModule(L.LightningModule):
             self.head.margin = self.margin_cfg["margin"] * min(1.0, self.global_step / ramp if ramp else 1.0)
             self.log("train/margin", self.head.margin)
             loss, info = self.head(torch.cat([item, query]), torch.cat([labels, labels]))
-            self.log("train/classes_scored", float(info["classes_scored"]))
+            for key in ("classes_scored", "row_member_cos", "own_row_top1"):
+                self.log(f"train/{key}", float(info[key]))
+            nce_weight = float(self.margin_cfg.get("info_nce_weight", 0.0))
+            if nce_weight > 0:   # query <-> item pairs keep pulling together beside the prototype rows
+                nce, _ = info_nce_mrl(query, item, self.m["mrl_dims"], self.m["mrl_weights"],
+                                      self.m["mrl_temperatures"], labels=labels)
+                self.log("train/info_nce", nce.detach())
+                loss = loss + nce_weight * nce
+            self.follow_graph()
         else:
             hard = self.hard_negatives(batch["index"])
             loss, per_dim = info_nce_mrl(query, item, self.m["mrl_dims"], self.m["mrl_weights"],
@@ -80,6 +89,14 @@ class EmbeddingModule(L.LightningModule):
                 self.log(f"train/loss_d{d}", v)
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def follow_graph(self) -> None:
+        """After the head rebuilt its KNN graph, the similar-batch sampler gets the new neighbours
+        (collective: every rank's head refreshes at the same step)."""
+        sampler = getattr(self.trainer.train_dataloader, "batch_sampler", None) if self._trainer else None
+        if self.head.num_refreshes != self._graph_seen and hasattr(sampler, "set_neighbours"):
+            sampler.set_neighbours(self.head.neighbours(self.t["batch_size"]))
+        self._graph_seen = self.head.num_refreshes
 
     def hard_negatives(self, index: torch.Tensor) -> torch.Tensor | None:
         if self.hard is None or self.dataset is None:

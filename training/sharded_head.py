@@ -77,6 +77,7 @@ from training.losses import arcface_logits, mrl_prefix
 from training.margin_head import knn_width, random_select
 
 _ROW_DTYPES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+ROW_UPDATES = ("sgd", "ema", "frozen")
 _RANDPERM_MAX = 1 << 16   # up to here the random sampler is margin_head.random_select (exact parity)
 _FAISS_GPU_MAX_K = 2048
 _M32 = 0xFFFFFFFF
@@ -325,6 +326,14 @@ class ShardedPrototypeHead(nn.Module):
     search parameters); ``graph_gpu`` (faiss on the GPU: None = when available; False keeps the
     refresh's index, an fp32 copy of the shard, in host RAM); ``build_graph=False`` defers the
     first graph build.
+
+    Row updates (``row_update``; what keeps the rows anchored to their members, issue #15): ``"sgd"``
+    lazy momentum SGD from the loss gradient (with ``row_renorm`` the moved rows are put back on the
+    unit sphere, so their norm cannot grow and shrink the effective step); ``"ema"`` each target row
+    is re-centred on its members: ``row <- normalise(decay * row + (1 - decay) * mean of the step's
+    normalised member embeddings)``, no gradient step (MoCo / memory-bank proxies); ``"frozen"``
+    the rows stay the stage-2 centroids. Every forward reports ``row_member_cos`` (mean cosine of an
+    embedding and its own row) and ``own_row_top1`` (share whose own row is the nearest scored row).
     """
 
     def __init__(self, centroids, dims: Sequence[int], weights: Sequence[float], margin: float,
@@ -333,7 +342,8 @@ class ShardedPrototypeHead(nn.Module):
                  row_dtype: torch.dtype = torch.float32, momentum_dtype: torch.dtype = torch.float32,
                  group=None, device: torch.device | str | None = None, graph_index: str | None = None,
                  graph_search: str = "nprobe=16", approx_above: int = 50_000, graph_gpu: bool | None = None,
-                 build_graph: bool = True):
+                 build_graph: bool = True, row_update: str = "sgd", row_renorm: bool = False,
+                 ema_decay: float = 0.9):
         super().__init__()
         shape = tuple(getattr(centroids, "shape", ()))
         if len(shape) != 2 or shape[0] < 1 or shape[1] < 1:
@@ -354,6 +364,10 @@ class ShardedPrototypeHead(nn.Module):
             raise ValueError(f"knn_k={knn_k} outside 0..{u - 1}")
         if temperature <= 0:
             raise ValueError("temperature must be > 0")
+        if row_update not in ROW_UPDATES:
+            raise ValueError(f"row_update must be one of {ROW_UPDATES}, got {row_update!r}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if row_dtype not in _ROW_DTYPES or momentum_dtype not in _ROW_DTYPES:
             raise ValueError(f"row_dtype and momentum_dtype must be one of {list(_ROW_DTYPES)}")
         self._num_classes, self.dim = u, d
@@ -366,11 +380,13 @@ class ShardedPrototypeHead(nn.Module):
         self.refresh_steps = int(refresh_steps)
         self.sampler, self.seed = sampler, int(seed)
         self.row_dtype, self.momentum_dtype = row_dtype, momentum_dtype
+        self.row_update, self.row_renorm, self.ema_decay = row_update, bool(row_renorm), float(ema_decay)
         self.graph_search, self.approx_above, self.graph_gpu = graph_search, int(approx_above), graph_gpu
         self.graph_index = graph_index or default_graph_index(u, self.rows_per_rank, self.approx_above)
         self.step, self.num_refreshes = 0, 0
         self._generator = torch.Generator().manual_seed(self.seed)
         self._pending: list[tuple[Tensor, Tensor]] = []
+        self._pending_ema: list[tuple[Tensor, Tensor]] = []
         # a strided slice is a view (numpy, memmap, tensor): exactly one copy of this rank's rows is made
         block = centroids[self.rank::self.world_size]
         block = block.detach() if isinstance(block, Tensor) else torch.from_numpy(np.asarray(block, dtype=np.float32))
@@ -602,7 +618,10 @@ class ShardedPrototypeHead(nn.Module):
                                                  self.margin, self.temperature)[:, :c] for d in self.dims])
             losses = _DistCrossEntropy.apply(logits, col, self.group, n)
         total: Tensor | None = None
-        stats: dict = {"classes_scored": int(cls.numel()), "classes_local": int(c)}
+        stats: dict = {"classes_scored": int(cls.numel()), "classes_local": int(c),
+                       **self._anchor_stats(hf, leaf, owned, col, logits[self.dims.index(max(self.dims))], n)}
+        if self.training and torch.is_grad_enabled() and self.row_update == "ema":
+            self._stash_ema(hf.detach(), y_all, owned)
         for i, (dim, wk) in enumerate(zip(self.dims, self.weights)):
             stats[f"loss_d{dim}"] = float(losses[i].detach())
             total = wk * losses[i] if total is None else total + wk * losses[i]
@@ -610,13 +629,56 @@ class ShardedPrototypeHead(nn.Module):
         return total, stats
 
     @torch.no_grad()
+    def _anchor_stats(self, hf: Tensor, leaf: Tensor, owned: Tensor, col: Tensor, logits: Tensor,
+                      n: int) -> dict:
+        """row_member_cos and own_row_top1 over the global batch (full width, no margin; collective)."""
+        d = max(self.dims)
+        own = torch.zeros(n, dtype=torch.float64, device=hf.device)
+        if bool(owned.any()):
+            own[owned] = F.cosine_similarity(hf[owned, :d], leaf[col[owned], :d].detach(), dim=-1).double()
+        other = logits.detach().double() * self.temperature            # cosines (the margin is on the target only)
+        if owned.any() and other.shape[1]:
+            other[owned.nonzero().view(-1), col[owned]] = -math.inf
+        best = other.max(dim=1).values if other.shape[1] else torch.full((n,), -math.inf, dtype=torch.float64,
+                                                                         device=hf.device)
+        if self.group is not None:
+            own = self._all_reduce(own.to(self._comm_device())).to(hf.device)
+            best = self._all_reduce(best.to(self._comm_device()), dist.ReduceOp.MAX).to(hf.device)
+        return {"row_member_cos": float(own.mean()), "own_row_top1": float((own > best).double().mean())}
+
+    def _stash_ema(self, hf: Tensor, labels: Tensor, owned: Tensor) -> None:
+        """The mean normalised embedding of each owned target's members this step, for the EMA."""
+        y = labels[owned]
+        if not y.numel():
+            return
+        uniq, inv = torch.unique(y, return_inverse=True)
+        sums = torch.zeros((uniq.numel(), hf.shape[1]), dtype=torch.float32, device=hf.device)
+        sums.index_add_(0, inv, F.normalize(hf[owned], dim=-1))
+        self._pending_ema.append((uniq // self.world_size, F.normalize(sums, dim=-1)))
+
+    @torch.no_grad()
+    def _write_rows(self, idx: Tensor, new: Tensor) -> None:
+        if self.row_renorm or self.row_update == "ema":
+            new = F.normalize(new, dim=-1)
+        if self.row_dtype != torch.float32:
+            gid = idx * self.world_size + self.rank
+            new = stochastic_round(new, self.row_dtype, hash_uniform(gid, self.dim, self.step, self.seed))
+        self.rows[idx] = new.to(self.row_dtype)
+
+    @torch.no_grad()
     def sparse_sgd_step(self, lr: float, momentum: float = 0.9) -> int:
-        """Lazy momentum SGD (as ``PrototypeHead.sparse_sgd_step``) on the rows that got a gradient
-        since the last call, summed over gradient-accumulation forwards; returns how many rows moved
-        on all ranks together (collective)."""
+        """Update the rows touched since the last call, as ``row_update`` says: lazy momentum SGD (as
+        ``PrototypeHead.sparse_sgd_step``) from their gradient, summed over gradient-accumulation
+        forwards; or the members' moving average; or nothing. Returns how many rows moved on all
+        ranks together (collective)."""
         pending, self._pending = self._pending, []
-        got = [(i, leaf.grad) for i, leaf in pending if leaf.grad is not None]
+        ema, self._pending_ema = self._pending_ema, []
+        got = [(i, leaf.grad) for i, leaf in pending if leaf.grad is not None] if self.row_update == "sgd" else []
         moved = 0
+        for idx, mean in ema:
+            rows = F.normalize(self.rows[idx].float(), dim=-1)
+            self._write_rows(idx, self.ema_decay * rows + (1.0 - self.ema_decay) * mean)
+            moved += int(idx.numel())
         if got:
             idx, g = torch.cat([i for i, _ in got]), torch.cat([gr for _, gr in got])
             if len(got) > 1:
@@ -626,11 +688,7 @@ class ShardedPrototypeHead(nn.Module):
             idx, g = idx[nz], g[nz]
             v = self.momentum[idx].float().mul_(momentum).add_(g)
             self.momentum[idx] = v.to(self.momentum_dtype)
-            new = self.rows[idx].float() - lr * v
-            if self.row_dtype != torch.float32:
-                gid = idx * self.world_size + self.rank
-                new = stochastic_round(new, self.row_dtype, hash_uniform(gid, self.dim, self.step, self.seed))
-            self.rows[idx] = new.to(self.row_dtype)
+            self._write_rows(idx, self.rows[idx].float() - lr * v)
             moved = int(idx.numel())
         if self.group is None:
             return moved
@@ -650,7 +708,7 @@ class ShardedPrototypeHead(nn.Module):
             raise ValueError(f"{self._num_classes} prototypes cannot be sharded over {world} ranks")
         self.group, self.rank, self.world_size = new_group, rank, world
         self.rows, self.momentum, self.graph = (t[rank::world].clone() for t in (self.rows, self.momentum, self.graph))
-        self._pending = []
+        self._pending, self._pending_ema = [], []
         return self
 
     def save_sharded(self, directory: str | Path) -> None:
@@ -708,7 +766,7 @@ class ShardedPrototypeHead(nn.Module):
         self.step, self.num_refreshes = int(scalars["step"]), int(scalars["num_refreshes"])
         self.margin = float(scalars["margin"])
         self._generator.set_state(scalars["generator"])
-        self._pending = []
+        self._pending, self._pending_ema = [], []
         if graph.shape[1] == (0 if self._all_classes() else self.knn_k):
             self.graph = graph.to(dev)
         else:   # saved with another k: rebuild from the loaded rows
