@@ -144,7 +144,7 @@ def efficiency(params, args, out_root) -> list[dict]:
     cfg = params["reranker"]
     rankers = {}
     for name in ("pointwise", "full"):
-        r = load_reranker(out_root / name / "model", {**cfg, "batch_size_infer": 10**6, "image_cache": 10**6})
+        r = load_reranker(out_root / name / "model", {**cfg, "batch_size_infer": 10**6, "image_cache_mb": 10**6})
         rankers["pointwise" if name == "pointwise" else "chunkwise (hybrid)"] = r
     queries = [(rs.query_doc(row, root), docs[row["query_id"]]) for _, row in q.iterrows()]
     for r in rankers.values():     # warm-up and fill the catalog image cache (static catalog)

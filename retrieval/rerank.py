@@ -141,7 +141,7 @@ def load_reranker(model_dir: str | Path, cfg: dict | None = None, mode: str | No
     missing = [k for k in INFERENCE_KEYS if k not in cfg]
     if missing:
         raise ValueError(f"{model_dir}: no {INFERENCE_FILE} and no {missing} given: cannot build the reranker")
-    model = MLLMReranker.from_pretrained(model_dir, cache_images=cfg.get("image_cache", 0))
+    model = MLLMReranker.from_pretrained(model_dir, cache_mb=cfg.get("image_cache_mb", 0))
     if mode and model.mode != mode:
         raise ValueError(f"{model_dir} holds a {model.mode!r} reranker, not {mode!r}")
     cal_file = Path(model_dir) / CALIBRATION_FILE

@@ -186,3 +186,20 @@ def test_tiny_listwise_reranker_learns_a_planted_task(embedder_dir):
     top1 = np.mean([int(r.order[0]) == t[2] for r, t in zip(ranked, test)])
     assert top1 >= 0.5, top1   # random: 0.125
     assert all(sorted(r.order.tolist()) == list(range(8)) and r.forward_passes == 2 for r in ranked)
+
+
+def test_image_cache_is_bounded_in_bytes_and_serves_repeats(embedder_dir):
+    """Catalog images repeat across queries: their pixel values are kept, LRU, within cache_mb
+    (an entry count let 224 px images fill gigabytes in the demo's rerank A/B)."""
+    model = MLLMReranker.from_embedder(embedder_dir, mode=LIST, scorer_hidden=16)
+    docs = [(square(PALETTE[i % 6], seed=i), f"img{i}") for i in range(10)]   # (image, cache key)
+    one = model._pixels(docs[:1])[0].nbytes
+    model.cache_bytes = int(3.5 * one)
+    first, grid, _ = model._pixels(docs)
+    assert len(model._cache) == 3 and model._cached_bytes == 3 * one <= model.cache_bytes
+    assert list(model._cache) == ["img7", "img8", "img9"]
+    again, grid2, _ = model._pixels(docs[8:9])   # a hit: the same pixels, now the most recent
+    assert torch.equal(again, first[8 * len(again):9 * len(again)]) and list(model._cache)[-1] == "img8"
+    model.cache_bytes = 0
+    model._pixels([(square((1, 1, 1)), "new")])
+    assert "new" not in model._cache   # cache off: nothing kept

@@ -90,7 +90,7 @@ def center_crop(im: Image.Image, share: float = 0.6) -> Image.Image:
 class MLLMReranker(nn.Module):
     def __init__(self, lm: nn.Module, tokenizer, image_processor, family: str = "qwen2_vl",
                  mode: str = LIST, absolute: bool = True, max_text_tokens: int = 24,
-                 scorer_hidden: int = 256, query_crop: bool = True, cache_images: int = 0,
+                 scorer_hidden: int = 256, query_crop: bool = True, cache_mb: float = 0.0,
                  scorer_input: str = "concat"):
         super().__init__()
         if mode not in (POINT, LIST):
@@ -127,7 +127,7 @@ class MLLMReranker(nn.Module):
                              + enc(" or ") + [self.no_id] + enc("."))
         self._specials = [s for s in set(SPECIAL_TOKENS) | set(ANSWER_TOKENS) if s]
         self._cache: OrderedDict = OrderedDict()
-        self.cache_images = int(cache_images)
+        self.cache_bytes, self._cached_bytes = int(float(cache_mb) * 2**20), 0
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -173,7 +173,7 @@ class MLLMReranker(nn.Module):
                 (tmp / CALIBRATION_FILE).write_bytes((Path(path) / CALIBRATION_FILE).read_bytes())
 
     @classmethod
-    def from_pretrained(cls, path, cache_images: int = 0) -> "MLLMReranker":
+    def from_pretrained(cls, path, cache_mb: float = 0.0) -> "MLLMReranker":
         from transformers import AutoTokenizer
 
         import training.vlm  # noqa: F401  (registers the pailitao_vl config)
@@ -187,7 +187,7 @@ class MLLMReranker(nn.Module):
         ip = _family(st["family"]).image_processor_class().from_pretrained(path, local_files_only=True)
         model = cls(lm, tok, ip, family=st["family"], mode=st["mode"], absolute=st["absolute"],
                     max_text_tokens=st["max_text_tokens"], scorer_hidden=st["scorer_hidden"],
-                    query_crop=st.get("query_crop", True), cache_images=cache_images,
+                    query_crop=st.get("query_crop", True), cache_mb=cache_mb,
                     scorer_input=st.get("scorer_input", "concat"))
         if model.scorer is not None:
             model.scorer.load_state_dict(torch.load(path / SCORER_FILE, map_location="cpu", weights_only=True))
@@ -212,12 +212,14 @@ class MLLMReranker(nn.Module):
 
     def _pixels(self, docs: list[tuple[Image.Image, object]]) -> tuple[Tensor, Tensor, list[int]]:
         """pixel_values / image_grid_thw of images in order, and tokens per image. Images with a
-        key are processed once and kept (LRU, cache_images entries): catalog images repeat."""
+        key are processed once and kept (LRU, at most cache_mb of pixel values: a 224 px image is
+        0.6 MB, so an entry count would let a catalog's candidates fill gigabytes): catalog images
+        repeat."""
         done: list[tuple[Tensor, Tensor] | None] = []
         todo = []
         for im, key in docs:
             key = str(im) if key is None and isinstance(im, (str, Path)) else key
-            hit = self._cache.get(key) if key is not None and self.cache_images else None
+            hit = self._cache.get(key) if key is not None and self.cache_bytes else None
             if hit is not None:
                 self._cache.move_to_end(key)
             else:
@@ -230,10 +232,11 @@ class MLLMReranker(nn.Module):
             for i, pv, g in zip(todo, pieces, grids):
                 done[i] = (pv, g)
                 key = str(docs[i][0]) if docs[i][1] is None and isinstance(docs[i][0], (str, Path)) else docs[i][1]
-                if key is not None and self.cache_images:
-                    self._cache[key] = (pv, g)
-                    if len(self._cache) > self.cache_images:
-                        self._cache.popitem(last=False)
+                if key is not None and key not in self._cache and pv.nbytes <= self.cache_bytes:
+                    self._cache[key] = (pv.clone(), g)   # a copy: a split is a view of the whole batch
+                    self._cached_bytes += pv.nbytes
+                    while self._cached_bytes > self.cache_bytes:
+                        self._cached_bytes -= self._cache.popitem(last=False)[1][0].nbytes
         pv = torch.cat([d[0] for d in done])
         grid = torch.stack([d[1] for d in done])
         return pv, grid, self.family.image_tokens(self.lm.config, grid)
