@@ -41,10 +41,10 @@ ARMS = {
     "frozen": ("embedding_model", {"margin": {"row_update": "frozen"}}),
     "infonce": ("embedding_model", {"margin": {"info_nce_weight": 0.5}}),
     "margin_0.35_s32": ("embedding_model", {"margin": {"margin": 0.35, "temperature": 1 / 32, "margin_warmup": 0.2}}),
-    # the paper's ablation: random negatives (Partial FC), KNN-sparse without and with refresh
-    "random_negatives": ("embedding_model", {"margin": {"sampler": "random"}}),
-    "knn_static": ("embedding_model", {"margin": {"knn_refresh_steps": 0}}),
-    "knn_refresh": ("embedding_model", {}),
+    # the paper's ablation on the params' rows (ema): random negatives (Partial FC), KNN-sparse
+    # negatives without and with the graph refresh (= "ema")
+    "random_negatives": ("embedding_model", {"margin": {"sampler": "random", "row_update": "ema"}}),
+    "knn_static": ("embedding_model", {"margin": {"knn_refresh_steps": 0, "row_update": "ema"}}),
 }
 UPSTREAM = ("validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder", "semantic_prototypes",
             ".cache", ".features")

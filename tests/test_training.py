@@ -123,6 +123,15 @@ def test_info_nce_and_margin_terms_both_move_the_stage3_loss(tiny):
     assert with_nce > base + 1e-3          # InfoNCE adds a positive term
 
 
+def test_similar_batch_sampler_follows_the_refreshed_graph(tiny, tmp_path):
+    """margin.knn_refresh_steps rebuilds the head's KNN graph; the batch sampler gets the new
+    neighbours at the same step (the tiny profile refreshes every 2 steps)."""
+    module, loader = _id_module(tiny, 4)
+    first = loader.batch_sampler.neighbours
+    fit(module, loader, tiny, tmp_path / "run", 4)
+    assert module.head.num_refreshes > 1 and loader.batch_sampler.neighbours is not first
+
+
 class RowsAt(L.Callback):
     """The head's rows (and step) as they are when training step `step` starts."""
 
