@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,7 @@ class MLLMReranker(nn.Module):
         self._specials = [s for s in set(SPECIAL_TOKENS) | set(ANSWER_TOKENS) if s]
         self._cache: OrderedDict = OrderedDict()
         self.cache_bytes, self._cached_bytes = int(float(cache_mb) * 2**20), 0
+        self._cache_lock = threading.Lock()   # the service reranks on a thread pool
 
     # ----------------------------------------------------------------------------- construction
     @classmethod
@@ -217,14 +219,15 @@ class MLLMReranker(nn.Module):
         repeat."""
         done: list[tuple[Tensor, Tensor] | None] = []
         todo = []
-        for im, key in docs:
-            key = str(im) if key is None and isinstance(im, (str, Path)) else key
-            hit = self._cache.get(key) if key is not None and self.cache_bytes else None
-            if hit is not None:
-                self._cache.move_to_end(key)
-            else:
-                todo.append(len(done))
-            done.append(hit)
+        with self._cache_lock:
+            for im, key in docs:
+                key = str(im) if key is None and isinstance(im, (str, Path)) else key
+                hit = self._cache.get(key) if key is not None and self.cache_bytes else None
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                else:
+                    todo.append(len(done))
+                done.append(hit)
         if todo:
             out = self.image_processor(images=[_open(docs[i][0]) for i in todo], return_tensors="pt")
             grids = out["image_grid_thw"].long()
@@ -232,11 +235,14 @@ class MLLMReranker(nn.Module):
             for i, pv, g in zip(todo, pieces, grids):
                 done[i] = (pv, g)
                 key = str(docs[i][0]) if docs[i][1] is None and isinstance(docs[i][0], (str, Path)) else docs[i][1]
-                if key is not None and key not in self._cache and pv.nbytes <= self.cache_bytes:
-                    self._cache[key] = (pv.clone(), g)   # a copy: a split is a view of the whole batch
-                    self._cached_bytes += pv.nbytes
-                    while self._cached_bytes > self.cache_bytes:
-                        self._cached_bytes -= self._cache.popitem(last=False)[1][0].nbytes
+                if key is None or pv.nbytes > self.cache_bytes:
+                    continue
+                with self._cache_lock:
+                    if key not in self._cache:
+                        self._cache[key] = (pv.clone(), g)   # a copy: a split is a view of the whole batch
+                        self._cached_bytes += pv.nbytes
+                        while self._cached_bytes > self.cache_bytes:
+                            self._cached_bytes -= self._cache.popitem(last=False)[1][0].nbytes
         pv = torch.cat([d[0] for d in done])
         grid = torch.stack([d[1] for d in done])
         return pv, grid, self.family.image_tokens(self.lm.config, grid)
