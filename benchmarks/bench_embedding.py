@@ -17,12 +17,11 @@ import resource
 import time
 
 import pandas as pd
-import yaml
 
 from data.schema import Catalog
 from evaluation.retrieval import encode_gallery, evaluate
 from pailitao import model_stages, stages
-from pailitao.config import Paths, deep_merge, load_params
+from pailitao.config import Paths, deep_merge, load_params, set_overrides
 from training.backbone import MLLMEmbedder
 
 COLS = ["I-HR@1", "I-HR@10", "R@1", "R@10", "mAP@R"]
@@ -43,19 +42,7 @@ def main() -> None:
         over["model"] = {"preset": args.preset}
     if args.steps:
         over["train"] = {"stage1_steps": args.steps, "stage3_steps": args.steps}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        *path, leaf = key.split(".")
-        node = over
-        for k in path:
-            node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
-        if isinstance(node[leaf], str):   # YAML 1.1 reads 2e-5 as a string
-            try:
-                node[leaf] = float(node[leaf])
-            except ValueError:
-                pass
-    params = load_params(args.profile, over)
+    params = load_params(args.profile, deep_merge(over, set_overrides(args.set)))
     paths = Paths.from_params(params)
     for name, fn in stages.DATA_STAGES.items():
         if not (paths.asset(name) / "meta.json").is_file():

@@ -23,12 +23,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import torch
-import yaml
 from bench_pretrained import arm_rows, paired_tests, per_query
 
 from evaluation.retrieval import cached_gallery, encode_queries, lineage_queries, rank_items
 from pailitao import model_stages
-from pailitao.config import Paths, deep_merge, load_params
+from pailitao.config import Paths, deep_merge, load_params, set_overrides
 from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
 
@@ -48,18 +47,6 @@ ARMS = {
 }
 UPSTREAM = ("validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder", "semantic_prototypes",
             ".cache", ".features")
-
-
-def parse_set(items: list[str]) -> dict:
-    out: dict = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
 
 
 def train_arm(name: str, lineage: Paths, params: dict, out: Path) -> tuple[Path, dict]:
@@ -101,7 +88,7 @@ def main() -> None:
     ap.add_argument("--scratch", default="benchmarks/results/id_head_arms")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
-    params = load_params(args.profile, deep_merge({"workdir": args.workdir}, parse_set(args.set)))
+    params = load_params(args.profile, deep_merge({"workdir": args.workdir}, set_overrides(args.set)))
     lineage = Paths.from_params(params)
     catalog, root, q = lineage_queries(params, args.split, args.per_level)
     dim = params["model"]["served_dim"]

@@ -30,6 +30,25 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def set_overrides(items: list[str]) -> dict:
+    """`section.key=value` strings as a nested overrides dict, each value parsed as YAML (YAML 1.1
+    reads 2e-5 as a string: such a string that is a number becomes a float)."""
+    out: dict = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        *path, leaf = key.split(".")
+        node = out
+        for k in path:
+            node = node.setdefault(k, {})
+        node[leaf] = yaml.safe_load(value)
+        if isinstance(node[leaf], str):
+            try:
+                node[leaf] = float(node[leaf])
+            except ValueError:
+                pass
+    return out
+
+
 def load_params(profile: str | None = None, overrides: dict | None = None,
                 path: str | Path | None = None) -> dict[str, Any]:
     """base deep-merged with the profile (the file's `profile` key when none is given), then overrides."""

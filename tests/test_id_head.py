@@ -120,3 +120,12 @@ def test_library_shape_counts_members_and_instances_per_prototype():
     assert shape["members_max"] == 3 and shape["members_p50"] == 1.0
     assert shape["instances_per_prototype"] == pytest.approx(4 / 3)
     assert shape["group_purity"] == pytest.approx(4 / 5)   # c sits with the g1 majority
+
+
+def test_set_overrides_nest_keys_and_type_values_as_yaml():
+    """benchmarks' --set section.key=value (bench_embedding, bench_id_head): one parser."""
+    from pailitao.config import set_overrides
+
+    got = set_overrides(["train.stage3_lr=2e-5", "margin.row_update=ema", "margin.knn_k=64", "seed=3"])
+    assert got == {"train": {"stage3_lr": 2e-5}, "margin": {"row_update": "ema", "knn_k": 64}, "seed": 3}
+    assert isinstance(got["train"]["stage3_lr"], float)   # YAML 1.1 alone would leave "2e-5" a string
