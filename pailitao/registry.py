@@ -48,7 +48,8 @@ RERANKER_NAMES = {"reranker_model": "pailitao-listwise-reranker", "reranker_poin
 
 
 class RerankerModel(mlflow.pyfunc.PythonModel):
-    """predict(DataFrame: query_id, query_image, query_text, image, text; one row per candidate in
+    """predict(DataFrame: query_id, query_image, query_text, image, text, optionally score (the
+    retrieval score, which a fused reranker needs for its fused order); one row per candidate in
     retrieval order) -> the same rows with rank (1 = best after reranking) and p_instance."""
 
     def load_context(self, context):
@@ -61,8 +62,9 @@ class RerankerModel(mlflow.pyfunc.PythonModel):
         out = []
         for _, g in model_input.groupby("query_id", sort=False):
             q = g.iloc[0]
+            first = g["score"].astype(float).to_numpy() if "score" in g else None   # fused order when given
             ranked = self.ranker.rank((val(q["query_image"]), val(q["query_text"]), None),
-                                      [(val(r["image"]), val(r["text"]), None) for _, r in g.iterrows()])
+                                      [(val(r["image"]), val(r["text"]), None) for _, r in g.iterrows()], first)
             rank = np.empty(len(g), dtype=int)
             rank[ranked.order] = np.arange(1, len(g) + 1)
             out.append(g.assign(rank=rank, p_instance=ranked.p_instance))

@@ -3,7 +3,9 @@
 ChunkwiseReranker: the N candidates go into K = ceil(N/M) chunks (retrieval/merge.assign_chunks),
 all K prompts of a query run as one batch, and retrieval/merge.merge turns the per-chunk scores into
 one order (hybrid by default). PointwiseReranker: one prompt per candidate, all in one batch, sorted
-by P(yes). Both set Candidate.rerank_score and the calibrated Candidate.p_instance.
+by P(yes). With a fitted fusion (retrieval/fusion.py, fusion.json beside the checkpoint) either one
+orders by its scores fused with the retrieval score instead. Both set Candidate.rerank_score and the
+calibrated Candidate.p_instance.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from evaluation.calibration import Calibrator
 from pailitao.io import read_json
+from retrieval.fusion import FUSION_FILE, Fusion, features, fused_order
 from retrieval.merge import assign_chunks, merge
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
 
@@ -37,15 +40,21 @@ class Ranked:
 class _Base:
     mode = ""
 
-    def __init__(self, model: MLLMReranker, calibrator: Calibrator | None = None, batch_size: int = 64):
+    def __init__(self, model: MLLMReranker, calibrator: Calibrator | None = None, batch_size: int = 64,
+                 fusion: Fusion | None = None, prefix_cache: bool = True):
         if model.mode != self.mode:
             raise ValueError(f"{type(self).__name__} needs a {self.mode!r} reranker, got {model.mode!r}")
         self.model, self.calibrator = model, calibrator or Calibrator("identity", {})
-        self.batch_size = int(batch_size)
+        self.batch_size, self.fusion = int(batch_size), fusion
+        # a query's prompts share their prefix (system + query): compute it once per batch and reuse
+        # its key/value cache (same scores; the model falls back where its family cannot)
+        self.prefix_cache = bool(prefix_cache)
         self.last_stats: dict = {}
 
-    def rank_many(self, queries: Sequence[tuple], docs: Sequence[Sequence[tuple]]) -> list[Ranked]:
-        """Rank the docs of many queries; prompts of several queries share batches."""
+    def rank_many(self, queries: Sequence[tuple], docs: Sequence[Sequence[tuple]],
+                  first_stage: Sequence[Sequence[float]] | None = None) -> list[Ranked]:
+        """Rank the docs of many queries; prompts of several queries share batches. With a fusion
+        and the docs' retrieval scores (`first_stage`, by position), the order is the fused one."""
         rows_q, rows_d, spans, plans = [], [], [], []
         for q, d in zip(queries, docs):
             plan = self._plan(len(d))
@@ -54,11 +63,20 @@ class _Base:
             for positions in plan:
                 rows_q.append(q)
                 rows_d.append([d[i] for i in positions])
-        scored = self.model.score(rows_q, rows_d, batch_size=self.batch_size) if rows_q else []
-        return [self._merge(plan, scored[a:a + n]) for plan, (a, n) in zip(plans, spans)]
+        scored = (self.model.score(rows_q, rows_d, batch_size=self.batch_size, prefix_cache=self.prefix_cache)
+                  if rows_q else [])
+        ranked = [self._merge(plan, scored[a:a + n]) for plan, (a, n) in zip(plans, spans)]
+        if self.fusion is None or first_stage is None:
+            return ranked
+        return [self._fuse(r, fs) for r, fs in zip(ranked, first_stage)]
 
-    def rank(self, query: tuple, docs: Sequence[tuple]) -> Ranked:
-        return self.rank_many([query], [docs])[0]
+    def rank(self, query: tuple, docs: Sequence[tuple], first_stage: Sequence[float] | None = None) -> Ranked:
+        return self.rank_many([query], [docs], None if first_stage is None else [first_stage])[0]
+
+    def _fuse(self, ranked: Ranked, first_stage: Sequence[float]) -> Ranked:
+        prob = self.fusion.prob(features(np.asarray(first_stage), ranked.extra))
+        return Ranked(fused_order(prob), prob, self.calibrator(prob), ranked.concept, ranked.forward_passes,
+                      {**ranked.extra, "r_raw": prob, "unfused": ranked.extra["r_raw"]})
 
     def __call__(self, query, candidates: list) -> list:
         """The search pipeline's hook: Query + Candidates (with .image paths) -> reordered Candidates."""
@@ -66,7 +84,7 @@ class _Base:
             return candidates
         t0 = time.perf_counter()
         docs = [(c.image, c.title, None) if c.image else (None, c.title or c.item_id, None) for c in candidates]
-        ranked = self.rank((query.image, query.text, None), docs)
+        ranked = self.rank((query.image, query.text, None), docs, [c.score for c in candidates])
         out = []
         for pos in ranked.order:
             c = candidates[int(pos)]
@@ -81,8 +99,9 @@ class ChunkwiseReranker(_Base):
     mode = LIST
 
     def __init__(self, model: MLLMReranker, calibrator: Calibrator | None = None, chunk_size: int = 10,
-                 assign: str = "contiguous", merge_how: str = "hybrid", batch_size: int = 64):
-        super().__init__(model, calibrator, batch_size)
+                 assign: str = "contiguous", merge_how: str = "hybrid", batch_size: int = 64,
+                 fusion: Fusion | None = None, prefix_cache: bool = True):
+        super().__init__(model, calibrator, batch_size, fusion, prefix_cache)
         if merge_how in ("r", "hybrid") and not model.absolute:
             raise ValueError(f"merge {merge_how!r} needs the absolute scorer; this reranker has none "
                              "(use merge 's' or 's_minus_null')")
@@ -133,8 +152,8 @@ class PointwiseReranker(_Base):
 def load_reranker(model_dir: str | Path, cfg: dict | None = None, mode: str | None = None,
                   merge_how: str | None = None, assign: str | None = None) -> _Base:
     """A reranker from a checkpoint directory (with its calibration.json when fitted) and the
-    params' reranker section (chunk size, assignment, merge, batch size, image cache); keys cfg
-    lacks (all of them for cfg=None, as in the registered pyfunc) come from the checkpoint's
+    params' reranker section (chunk size, assignment, merge, batch size, image cache, prefix cache);
+    keys cfg lacks (all of them for cfg=None, as in the registered pyfunc) come from the checkpoint's
     inference.json, the settings it was validated and calibrated with."""
     saved = Path(model_dir) / INFERENCE_FILE
     cfg = {**(read_json(saved) if saved.is_file() else {}), **(cfg or {})}
@@ -144,12 +163,15 @@ def load_reranker(model_dir: str | Path, cfg: dict | None = None, mode: str | No
     model = MLLMReranker.from_pretrained(model_dir, cache_mb=cfg.get("image_cache_mb", 0))
     if mode and model.mode != mode:
         raise ValueError(f"{model_dir} holds a {model.mode!r} reranker, not {mode!r}")
-    cal_file = Path(model_dir) / CALIBRATION_FILE
+    cal_file, fusion_file = Path(model_dir) / CALIBRATION_FILE, Path(model_dir) / FUSION_FILE
     cal = Calibrator.load(cal_file) if cal_file.is_file() else None
+    fusion = Fusion.load(fusion_file) if fusion_file.is_file() and cfg.get("fusion", True) else None
+    prefix_cache = bool(cfg.get("prefix_cache", True))
     if model.mode == POINT:
-        return PointwiseReranker(model, cal, batch_size=cfg["batch_size_infer"])
+        return PointwiseReranker(model, cal, batch_size=cfg["batch_size_infer"], fusion=fusion,
+                                 prefix_cache=prefix_cache)
     how = merge_how or cfg["merge"]
     if not model.absolute and how in ("r", "hybrid"):
         how = "s_minus_null"   # a model trained without the absolute scorer has only s and s_null
     return ChunkwiseReranker(model, cal, cfg["chunk_size"], assign or cfg["assign"], how,
-                             batch_size=cfg["batch_size_infer"])
+                             batch_size=cfg["batch_size_infer"], fusion=fusion, prefix_cache=prefix_cache)

@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from data.queries import image_queries
 from data.schema import Catalog
-from evaluation.calibration import expected_calibration_error, fit_calibrator
+from evaluation.calibration import Calibrator, expected_calibration_error, fit_calibrator
 from evaluation.compare import bootstrap_ratio_ci, percent_ci
 from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval_report
 from evaluation.retrieval import encode_queries
@@ -26,6 +26,7 @@ from pailitao.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, _finish
 from pailitao.tracking import start_run, tracking_uri
 from retrieval.pipeline import load_embedder, resolve_model
+from retrieval.fusion import FUSION_FILE, Fusion, features, fused_order
 from retrieval.rerank import INFERENCE_FILE, INFERENCE_KEYS, RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked, load_reranker
 from training import rerank_data as rd
 from training.data import TrainItems
@@ -70,12 +71,14 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
         tmp.mkdir(parents=True)
         queries = rd.train_queries(train, params, tmp, params["ingest"]["workers"])
         in_train = gallery["item_id"].isin(set(train["item_id"])).to_numpy()
-        cands = rd.retrieve(encode_queries(embedder, queries, tmp, dim), gallery[in_train].reset_index(drop=True),
-                            g_emb[in_train], queries["query_id"], n)
-        cands = rd.label(cands, queries, catalog.items)
-        own = gallery.drop_duplicates("item_id")   # an item's first catalog image
-        positives = queries[["query_id", "item_id"]].merge(own[["item_id", "image_id"]], on="item_id")
-        chunks = rd.training_chunks(cands, cfg["chunk_size"], cfg["instance_share"], params["seed"], positives)
+        # retrieved deeper than served: an instance just past the top-N is a near miss the chunks may
+        # hold (it looks like what retrieval returns); a farther one never enters training
+        deep = rd.label(rd.retrieve(encode_queries(embedder, queries, tmp, dim), gallery[in_train].reset_index(drop=True),
+                                    g_emb[in_train], queries["query_id"], max(n, int(cfg["near_miss_depth"]))),
+                        queries, catalog.items)
+        cands = deep[deep["rank"] < n].reset_index(drop=True)
+        near = deep[(deep["rank"] >= n) & (deep["level"] == 0)]
+        chunks = rd.training_chunks(cands, cfg["chunk_size"], cfg["instance_share"], params["seed"], near)
         val = image_queries(pd.read_parquet(qs_root / "queries.parquet"))   # the reranker compares photos
         val = val[val["split"] == "val"].groupby("level", group_keys=False).head(cfg["val_queries"]).reset_index(drop=True)
         val_cands = rd.label(rd.retrieve(encode_queries(embedder, val, qs_root, dim), gallery, g_emb,
@@ -91,6 +94,8 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
     metrics = {"train_queries": len(queries), "val_queries": len(val), "chunks": int(chunks.groupby(["query_id", "chunk"]).ngroups),
                "train_instance_in_topN": hit(cands, queries), "val_instance_in_topN": hit(val_cands, val),
                "chunks_with_instance": float(chunks.groupby("query_id")["level"].min().eq(0).mean()) if len(chunks) else 0.0,
+               "chunk_positives_near_miss": int(((chunks["level"] == 0) & (chunks["rank"] >= n)).sum()),
+               "chunk_positive_slot0_share": slot0_share(chunks),
                **rd.level_stats(cands, "candidates"), **rd.level_stats(chunks, "chunks"),
                "seconds": round(time.perf_counter() - t0, 1)}
     res = StageResult("reranker_dataset", out, metrics=metrics,
@@ -101,6 +106,12 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
                           "balanced chunks": [metrics[f"chunks_level{i}"] for i in range(4)]}).to_markdown(index=False)})
     with start_run("reranker_dataset", params, catalog.meta["fingerprint"], dagster_run_id) as run:
         return _finish(res, run)
+
+
+def slot0_share(chunks: pd.DataFrame) -> float:
+    """Share of training positives in slot 0 of their chunk (1 / chunk size when slots are shuffled)."""
+    pos = chunks[chunks["level"] == 0]
+    return float((pos["slot"] == 0).mean()) if len(pos) else 0.0
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -129,7 +140,8 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
     Q = len(queries)
     final, lv_pos = np.full((Q, n), 9, dtype=np.int64), np.full((Q, n), 9, dtype=np.int64)
     p_inst, p_conc, p_raw = np.full((Q, n), -np.inf), np.full((Q, n), -np.inf), np.full((Q, n), -np.inf)
-    items = np.full((Q, n), None, dtype=object)
+    first, unfused, s_rel = np.full((Q, n), np.nan), np.full((Q, n), np.nan), np.full((Q, n), np.nan)
+    items, items_pos = np.full((Q, n), None, dtype=object), np.full((Q, n), None, dtype=object)
     passes, t0, ms = 0, time.perf_counter(), []
     qids = queries["query_id"].tolist()
     row_of = {q: i for i, q in enumerate(qids)}
@@ -140,7 +152,8 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
                              by_q[q]["score"].to_numpy(), 0) for q in part]
         else:
             rows = queries.set_index("query_id").loc[part]
-            args = ([query_doc(r, root) for _, r in rows.iterrows()], [docs[q] for q in part])
+            args = ([query_doc(r, root) for _, r in rows.iterrows()], [docs[q] for q in part],
+                    [by_q[q]["score"].to_numpy() for q in part])
             t_block = time.perf_counter()
             ranked = ranker.rank_many(*args)
             ms.append((time.perf_counter() - t_block) * 1e3 / max(len(part), 1))   # per query (block=1: as served)
@@ -148,12 +161,49 @@ def run_reranker(ranker, queries: pd.DataFrame, root: Path, cands: pd.DataFrame,
             i, levels = row_of[q], by_q[q]["level"].to_numpy()
             m = len(levels)
             final[i, :m], lv_pos[i, :m] = levels[r.order], levels
-            items[i, :m] = by_q[q]["item_id"].to_numpy()[r.order]
+            items_pos[i, :m] = by_q[q]["item_id"].to_numpy()
+            items[i, :m] = items_pos[i, :m][r.order]
             p_inst[i, :m], p_conc[i, :m] = r.p_instance, r.concept
             p_raw[i, :m] = r.extra.get("r_raw", r.p_instance)
+            first[i, :m] = by_q[q]["score"].to_numpy()
+            unfused[i, :m] = r.extra.get("unfused", r.extra.get("r_raw", r.p_instance))
+            s_rel[i, :m] = r.extra.get("s_minus_null", np.nan)
             passes += r.forward_passes
-    return {"levels": final, "items": items, "levels_by_rank": lv_pos, "p_instance": p_inst, "p_concept": p_conc, "p_raw": p_raw,
+    return {"levels": final, "items": items, "items_by_rank": items_pos, "levels_by_rank": lv_pos, "p_instance": p_inst, "p_concept": p_conc, "p_raw": p_raw,
+            "first_stage": first, "unfused": unfused, "s_minus_null": s_rel,
             "forward_passes": passes, "seconds": time.perf_counter() - t0, "queries": Q, "ms": np.array(ms)}
+
+
+def run_features(run: dict) -> list[dict[str, np.ndarray]]:
+    """Per query row of a run_reranker result: the fusion inputs of its candidates (by position)."""
+    out = []
+    for i in range(len(run["levels_by_rank"])):
+        m = int((run["levels_by_rank"][i] < 9).sum())
+        extra = {"r_raw": run["unfused"][i, :m]}
+        if not np.isnan(run["s_minus_null"][i, :m]).all():
+            extra["s_minus_null"] = run["s_minus_null"][i, :m]
+        out.append(features(run["first_stage"][i, :m], extra))
+    return out
+
+
+def fit_fusion(run: dict) -> Fusion:
+    """The fusion of retrieval and reranker scores, fit on a (validation) run's pairs."""
+    feats = run_features(run)
+    pooled = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
+    return Fusion.fit(pooled, run["levels_by_rank"][run["levels_by_rank"] < 9] == 0)
+
+
+def apply_fusion(run: dict, fusion: Fusion) -> dict:
+    """The run re-ordered by the fused probability (no model pass: the scores are in the run)."""
+    run = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in run.items()}
+    for i, f in enumerate(run_features(run)):
+        m = len(f["first_stage"])
+        prob = fusion.prob(f)
+        order = fused_order(prob)
+        run["levels"][i, :m] = run["levels_by_rank"][i, :m][order]
+        run["items"][i, :m] = run["items_by_rank"][i, :m][order]
+        run["p_raw"][i, :m] = run["p_instance"][i, :m] = prob
+    return run
 
 
 def prf(run: dict, thresholds: dict | None = None) -> tuple[dict, dict]:
@@ -217,8 +267,8 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     data = rd.RerankSet(chunks, queries, ds, dict(zip(gallery["image_id"], gallery["image"])),
                         dict(zip(gallery["item_id"], gallery["title"])), mode)
     bs = cfg["batch_size"] if mode == LIST else cfg["point_batch_size"]
-    loader = torch.utils.data.DataLoader(data, batch_size=bs, shuffle=True, collate_fn=rd.collate,
-                                         generator=torch.Generator().manual_seed(params["seed"]))
+    loader = torch.utils.data.DataLoader(data, batch_size=bs, collate_fn=rd.collate,
+                                         sampler=rd.train_sampler(data, cfg.get("point_positive_share"), params["seed"]))
     module = RerankerModule(model, cfg, cfg["steps"])
     work = paths.processed / ".work" / f"{stage}-{fingerprint([ds_meta, cfg, params['train'], params['seed'], str(out)])}"
     with start_run(stage, params, ds_meta["fingerprint"], dagster_run_id) as run:
@@ -232,19 +282,18 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
                   ChunkwiseReranker(model, None, cfg["chunk_size"], cfg["assign"],
                                     cfg["merge"] if model.absolute else "s_minus_null", cfg["batch_size_infer"]))
         qs_root = paths.asset("query_sets")
-        val_run = run_reranker(ranker, val_q, qs_root, val_c, gallery)
+        val_run, cal, fusion = validate(ranker, val_q, qs_root, val_c, gallery, cfg["calibration"], cfg["fusion"])
         filled = val_run["levels_by_rank"] < 9
-        raw = val_run["p_instance"][filled]
-        positive = val_run["levels_by_rank"][filled] == 0
-        cal = fit_calibrator(raw, positive, cfg["calibration"])
+        raw, positive = val_run["p_raw"][filled], val_run["levels_by_rank"][filled] == 0
         cal_report = cross_fitted_ece(raw, positive, cfg["calibration"])
-        val_run["p_instance"] = np.where(np.isfinite(val_run["p_instance"]), cal(np.nan_to_num(val_run["p_instance"], neginf=0.0).clip(0, 1)), -np.inf)
         pr, thresholds = prf(val_run)
         rep = report(val_run, val_q).reset_index()
         with atomic_path(out) as tmp:
             tmp.mkdir(parents=True)
             model.save_pretrained(tmp / "model")
             cal.save(tmp / "model" / CALIBRATION_FILE)
+            if fusion is not None:
+                fusion.save(tmp / "model" / FUSION_FILE)
             write_json(thresholds, tmp / "model" / THRESHOLD_FILE)
             merge_how = {"merge": ranker.merge_how} if mode == LIST else {}   # as validated
             write_json({k: cfg[k] for k in INFERENCE_KEYS} | merge_how, tmp / "model" / INFERENCE_FILE)
@@ -266,9 +315,31 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
             "val_ece_before": cal_report["ece_before"], "val_ece_after": cal_report["ece_after"],
             "val_queries_per_second": round(val_run["queries"] / max(val_run["seconds"], 1e-9), 2)},
             info={"mode": mode, "registered_version": version, "calibration": cal.kind,
+                  "fusion": dict(zip(fusion.names, fusion.coef)) if fusion else None,
                   "fingerprint": ds_meta["fingerprint"]},
             markdown={"validation": rep.to_markdown(index=False, floatfmt=".2f")})
         return _finish(res, run)
+
+
+def validate(ranker, val_q: pd.DataFrame, root: Path, val_c: pd.DataFrame, gallery: pd.DataFrame,
+             calibration: str, fuse: bool) -> tuple[dict, object, Fusion | None]:
+    """Rerank the validation candidates, fit the fusion with the retrieval score (when `fuse`) and
+    the calibrator of the ranker's raw P(instance); the ranker keeps both. Returns the validation
+    run with calibrated p_instance, the calibrator and the fusion."""
+    ranker.fusion, ranker.calibrator = None, Calibrator("identity")
+    val_run, fusion = run_reranker(ranker, val_q, root, val_c, gallery), None
+    if fuse:
+        try:
+            fusion = fit_fusion(val_run)
+        except ValueError as e:   # a validation set without a hit (tiny catalogs): the model's own order
+            log.warning("no fusion of retrieval and reranker scores: %s", e)
+    if fusion is not None:
+        val_run, ranker.fusion = apply_fusion(val_run, fusion), fusion
+    filled = val_run["levels_by_rank"] < 9
+    cal = fit_calibrator(val_run["p_raw"][filled].clip(0, 1), val_run["levels_by_rank"][filled] == 0, calibration)
+    ranker.calibrator = cal
+    val_run["p_instance"] = np.where(filled, cal(np.nan_to_num(val_run["p_raw"], neginf=0.0).clip(0, 1)), -np.inf)
+    return val_run, cal, fusion
 
 
 def cross_fitted_ece(prob: np.ndarray, positive: np.ndarray, kind: str, seed: int = 0) -> dict:

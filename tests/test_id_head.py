@@ -109,6 +109,29 @@ def test_similar_sampler_keeps_batches_of_neighbours_through_the_epoch_and_follo
     assert set(b[1:]) <= set(_ring(n, 16, shift=100)[b[0]].tolist())
 
 
+def test_similar_sampler_gives_every_class_several_query_views():
+    """margin.views_per_prototype: each class of a batch comes `views` times as different virtual
+    indices of one sample (another noisy query view each), never repeated across epochs."""
+    n, bs, views = 60, 8, 4
+    labels = torch.arange(n)
+    sampler = SimilarPrototypeBatchSampler(labels, bs, _ring(n, 8), seed=0, views=views)
+    epochs = [list(iter(sampler)) for _ in range(2)]
+    for b in epochs[0]:
+        assert len(b) == bs
+        samples = [i % n for i in b]
+        assert len(set(samples)) == bs // views and all(samples.count(i) == views for i in set(samples))
+        assert len(set(b)) == bs                                   # distinct views
+    seen = [set(i for b in e for i in b) for e in epochs]
+    assert not seen[0] & seen[1]                                    # new views every epoch
+
+
+def test_views_of_one_sample_share_one_catalog_embedding():
+    from training.modules import first_occurrences
+
+    keep, pair = first_occurrences([7, 7, 3, 3, 9, 7])
+    assert keep == [0, 2, 4] and pair == [0, 0, 1, 1, 2, 0]
+
+
 def test_library_shape_counts_members_and_instances_per_prototype():
     import pandas as pd
 

@@ -123,6 +123,17 @@ def test_info_nce_and_margin_terms_both_move_the_stage3_loss(tiny):
     assert with_nce > base + 1e-3          # InfoNCE adds a positive term
 
 
+def test_stage3_trains_with_several_views_per_prototype(tiny, tmp_path):
+    """Two noisy query views per prototype in a batch, the catalog side embedded once per sample."""
+    params = deep_merge(tiny, {"margin": {"views_per_prototype": 2}})
+    module, loader = _id_module(params, 2)
+    batch = next(iter(loader))
+    assert len(batch["label"]) == params["train"]["batch_size"]
+    assert len(set(batch["index"].tolist())) == params["train"]["batch_size"] // 2
+    fit(module, loader, params, tmp_path / "run", 2)
+    assert module.trainer.global_step == 2 and torch.isfinite(module.trainer.callback_metrics["train/loss"])
+
+
 def test_similar_batch_sampler_follows_the_refreshed_graph(tiny, tmp_path):
     """margin.knn_refresh_steps rebuilds the head's KNN graph; the batch sampler gets the new
     neighbours at the same step (the tiny profile refreshes every 2 steps)."""

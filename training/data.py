@@ -127,13 +127,16 @@ class SimilarPrototypeBatchSampler(RandomBatchSampler):
     """Batches of look-alike prototypes (PAPER, stage 3), so the margin has to separate them: each
     batch starts from a prototype no batch of this epoch held yet and is filled with its nearest
     prototypes, held before or not, so the last batch of an epoch is as similar as the first (a
-    greedy fill from the unused ones ran out of neighbours within an epoch). An epoch is len(self)
+    greedy fill from the unused ones ran out of neighbours within an epoch). With views > 1 each
+    class comes `views` times (several noisy queries of one product in one batch, all pulled to
+    the same row: the pooling a prototype gives over many listings). An epoch is len(self)
     batches, identical on every rank (each takes every world-th). `neighbours` [U, k] comes from the
     prototype KNN graph; `set_neighbours` swaps in a refreshed graph from the next batch on."""
 
-    def __init__(self, labels: torch.Tensor, batch_size: int, neighbours: np.ndarray, seed: int = 0):
+    def __init__(self, labels: torch.Tensor, batch_size: int, neighbours: np.ndarray, seed: int = 0,
+                 views: int = 1):
         super().__init__(labels, batch_size, seed)
-        self.neighbours = neighbours
+        self.neighbours, self.views = neighbours, max(1, int(views))
         self.by_class: dict[int, list[int]] = {}
         for i, c in enumerate(self.labels):
             self.by_class.setdefault(int(c), []).append(i)
@@ -142,13 +145,17 @@ class SimilarPrototypeBatchSampler(RandomBatchSampler):
     def set_neighbours(self, neighbours: np.ndarray) -> None:
         self.neighbours = neighbours
 
-    def _batch(self, anchor: int, rng: np.random.Generator) -> list[int]:
+    def _batch(self, anchor: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+        """(sample, view) pairs: batch_size / views classes, each `views` times (view r is drawn as
+        another noisy query of the same sample; the catalog side is the same image)."""
+        want = max(1, self.bs // self.views)
         chosen = [anchor] + [int(n) for n in self.neighbours[anchor] if int(n) != anchor and int(n) in self.by_class]
-        chosen = list(dict.fromkeys(chosen))[: self.bs]
-        if len(chosen) < self.bs:   # a short neighbour list: random other classes fill the batch
+        chosen = list(dict.fromkeys(chosen))[:want]
+        if len(chosen) < want:   # a short neighbour list: random other classes fill the batch
             rest = np.setdiff1d(self.classes, chosen)
-            chosen += [int(c) for c in rng.permutation(rest)[: self.bs - len(chosen)]]
-        return [int(rng.choice(self.by_class[c])) for c in chosen]
+            chosen += [int(c) for c in rng.permutation(rest)[: want - len(chosen)]]
+        picks = [int(rng.choice(self.by_class[c])) for c in chosen]
+        return [(i, r) for i in picks for r in range(self.views)]
 
     def __iter__(self):
         self.epoch += 1
@@ -156,7 +163,7 @@ class SimilarPrototypeBatchSampler(RandomBatchSampler):
         world, rank = 1, 0
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        offset = (self.epoch - 1) * len(self.labels)
+        n = len(self.labels)
         order, held = iter(rng.permutation(self.classes)), set()
         for b in range(max(1, len(self) // world) * world):
             anchor = next((int(c) for c in order if int(c) not in held), None)
@@ -164,6 +171,6 @@ class SimilarPrototypeBatchSampler(RandomBatchSampler):
                 order, held = iter(rng.permutation(self.classes)), set()
                 anchor = int(next(order))
             batch = self._batch(anchor, rng)
-            held.update(int(self.labels[i]) for i in batch)
-            if b % world == rank:
-                yield [offset + i for i in batch]
+            held.update(int(self.labels[i]) for i, _ in batch)
+            if b % world == rank:   # virtual index: view r of this epoch is "epoch" (epoch-1)*views + r
+                yield [((self.epoch - 1) * self.views + r) * n + i for i, r in batch]

@@ -63,20 +63,24 @@ class EmbeddingModule(L.LightningModule):
         return self.embedder(self.embedder.prepare(images, texts))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        item = self.embed(batch["item_image"], batch["item_text"])
-        query = self.embed(batch["query_image"], batch["query_text"])
         labels = batch["label"]
+        if self.mode == ID:   # several views of a sample: its catalog side is embedded once
+            keep, pair = first_occurrences(batch["index"].tolist())
+            item = self.embed([batch["item_image"][n] for n in keep], [batch["item_text"][n] for n in keep])
+        else:
+            item = self.embed(batch["item_image"], batch["item_text"])
+        query = self.embed(batch["query_image"], batch["query_text"])
         if self.mode == ID:
             # margin warm-up: a full margin on a backbone that never saw it collapses the embedding
             ramp = self.margin_cfg["margin_warmup"] * self.total_steps
             self.head.margin = self.margin_cfg["margin"] * min(1.0, self.global_step / ramp if ramp else 1.0)
             self.log("train/margin", self.head.margin)
-            loss, info = self.head(torch.cat([item, query]), torch.cat([labels, labels]))
+            loss, info = self.head(torch.cat([item, query]), torch.cat([labels[keep], labels]))
             for key in ("classes_scored", "row_member_cos", "own_row_top1"):
                 self.log(f"train/{key}", float(info[key]))
             nce_weight = float(self.margin_cfg.get("info_nce_weight", 0.0))
             if nce_weight > 0:   # query <-> item pairs keep pulling together beside the prototype rows
-                nce, _ = info_nce_mrl(query, item, self.m["mrl_dims"], self.m["mrl_weights"],
+                nce, _ = info_nce_mrl(query, item[pair], self.m["mrl_dims"], self.m["mrl_weights"],
                                       self.m["mrl_temperatures"], labels=labels)
                 self.log("train/info_nce", nce.detach())
                 loss = loss + nce_weight * nce
@@ -125,6 +129,16 @@ class EmbeddingModule(L.LightningModule):
             self.log("train/rows_updated", float(moved))
 
 
+def first_occurrences(index: list[int]) -> tuple[list[int], list[int]]:
+    """(positions of each distinct sample's first occurrence, for every position the rank of its
+    sample among those): views of one sample share a catalog-side embedding."""
+    first: dict[int, int] = {}
+    for n, i in enumerate(index):
+        first.setdefault(i, n)
+    rank = {i: k for k, i in enumerate(first)}
+    return list(first.values()), [rank[i] for i in index]
+
+
 class HardNegativeMiner(L.Callback):
     """Every N steps: embed every train item (item side) with the current model and keep, per item,
     its nearest items of other classes as hard negatives for InfoNCE."""
@@ -157,7 +171,8 @@ class HardNegativeMiner(L.Callback):
 def make_loader(dataset: PairDataset, params: dict, neighbours: np.ndarray | None = None):
     t = params["train"]
     if neighbours is not None and params["margin"]["similar_batch"]:
-        sampler = SimilarPrototypeBatchSampler(dataset.labels, t["batch_size"], neighbours, params["seed"])
+        sampler = SimilarPrototypeBatchSampler(dataset.labels, t["batch_size"], neighbours, params["seed"],
+                                               views=params["margin"].get("views_per_prototype", 1))
     else:
         sampler = RandomBatchSampler(dataset.labels, t["batch_size"], params["seed"])
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,

@@ -2,8 +2,7 @@
 model (hard negatives for free), graded levels from the judgments, and level-balanced chunks.
 
 A candidate row: query_id, rank (0 = the embedder's best), item_id, image_id, score, level.
-A chunk row: query_id, chunk, slot, item_id, image_id, level (slots in retrieval order, like
-inference's contiguous chunks)."""
+A chunk row: query_id, chunk, slot, rank, item_id, image_id, level (slots shuffled)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,16 +21,22 @@ from data.splits import unit_hash
 
 def train_queries(items: pd.DataFrame, params: dict, out_dir: Path, workers: int = 1) -> pd.DataFrame:
     """Noisy shopper-style queries of a deterministic sample of train items (`items`: item_id,
-    group_id, title, image = absolute catalog file), written as JPEG under out_dir/images.
+    group_id, title, image = absolute catalog file), written as JPEG under out_dir/images:
+    `train_queries` in all, `queries_per_item` per item (each a different noise draw, the levels
+    taken in turn, so every level is trained as every level is served).
     Returns query_id, item_id, group_id, level, image (relative to out_dir), text."""
     cfg, seed = params["reranker"], params["seed"]
+    per_item = max(1, int(cfg.get("queries_per_item", 1)))
     order = sorted(items["item_id"], key=lambda i: unit_hash("rerank-q", seed, i))
-    pick = items.set_index("item_id").loc[order[: int(cfg["train_queries"])]].reset_index()
+    n_items = min(len(order), -(-int(cfg["train_queries"]) // per_item))
+    pick = items.set_index("item_id").loc[order[:n_items]].reset_index()
     pool = items["image"].tolist()
     rows, tasks = [], []
-    for n, r in enumerate(pick.itertuples()):
-        level = cfg["query_levels"][n % len(cfg["query_levels"])]
-        s = noise_seed("rerank-noise", seed, r.item_id)
+    for n in range(min(int(cfg["train_queries"]), n_items * per_item)):
+        i, rnd = n % n_items, n // n_items   # rounds: each covers every picked item once
+        r = pick.iloc[i]
+        level = cfg["query_levels"][(i + rnd) % len(cfg["query_levels"])]   # an item's rounds take the levels in turn
+        s = noise_seed("rerank-noise", seed, r.item_id, rnd)
         rng = np.random.default_rng(s)
         qid = f"train-{level}-{n:06d}"
         rel = f"images/{qid}.jpg"
@@ -77,30 +82,32 @@ def label(cands: pd.DataFrame, queries: pd.DataFrame, items: pd.DataFrame) -> pd
 def training_chunks(cands: pd.DataFrame, m: int, instance_share: float, seed: int,
                     positives: pd.DataFrame | None = None) -> pd.DataFrame:
     """One chunk of at most m candidates per query, balanced over levels: with probability
-    instance_share the chunk holds the query's instance match; when the embedder missed it, the
-    instance's own catalog image (`positives`: query_id, item_id, image_id) goes in at a random
-    slot (rank -1 marks it), so positives are not limited to what retrieval already finds. The
+    instance_share the chunk holds the query's instance match when retrieval found it (within the
+    top-N, as at inference: an instance the embedder did not retrieve is never a reranker's
+    candidate, so planting it taught scores on a distribution that never comes). `positives`
+    (query_id, item_id, image_id, rank) may name near misses retrieved beyond the top-N; they go in
+    as the instance when the top-N lacks it (rank kept, so they are told apart in the data). The
     other slots are drawn with weights inversely proportional to each level's frequency in the
-    pool, so the rare concept and functional matches are seen. Other slots keep retrieval order."""
+    pool, so the rare concept and functional matches are seen. Slots are shuffled: in retrieval
+    order the instance sat in slot 0 of half the chunks and the listwise head learned the slot."""
     freq = cands["level"].value_counts(normalize=True)
-    pos = positives.set_index("query_id") if positives is not None else None
+    pos = positives.set_index("query_id") if positives is not None and len(positives) else None
     out = []
     for qid, g in cands.groupby("query_id", sort=True):
         rng = np.random.default_rng(noise_seed("rerank-chunk", seed, qid))
         inst = g[g["level"] == 0]
         want_instance = rng.random() < instance_share
         keep = inst.head(1) if len(inst) and want_instance else inst.iloc[:0]
+        if want_instance and not len(inst) and pos is not None and qid in pos.index:
+            row = pos.loc[[qid]].head(1)
+            keep = pd.DataFrame({"query_id": qid, "rank": row["rank"].to_numpy(), "item_id": row["item_id"].to_numpy(),
+                                 "image_id": row["image_id"].to_numpy(), "level": 0})
         rest = g[g["level"] != 0]
-        planted = want_instance and not len(inst) and pos is not None and qid in pos.index
-        k = min(m - len(keep) - int(planted), len(rest))
+        k = min(m - len(keep), len(rest))
         w = 1.0 / rest["level"].map(freq).to_numpy()
         pick = rest.iloc[rng.choice(len(rest), size=k, replace=False, p=w / w.sum())] if k else rest.iloc[:0]
-        chunk = pd.concat([keep, pick]).sort_values("rank")
-        if planted:
-            row = pd.DataFrame([{"query_id": qid, "rank": -1, "item_id": pos.loc[qid, "item_id"],
-                                 "image_id": pos.loc[qid, "image_id"], "level": 0}])
-            at = int(rng.integers(len(chunk) + 1))
-            chunk = pd.concat([chunk.iloc[:at], row, chunk.iloc[at:]])
+        chunk = pd.concat([keep, pick])
+        chunk = chunk.iloc[rng.permutation(len(chunk))]
         out.append(chunk.assign(chunk=0, slot=np.arange(len(chunk))))
     cols = ["query_id", "chunk", "slot", "rank", "item_id", "image_id", "level"]
     return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
@@ -133,6 +140,20 @@ class RerankSet(torch.utils.data.Dataset):
         docs = [(Image.open(self.image_of[im]).convert("RGB"), self.title_of[it], None)
                 for im, it in zip(g["image_id"], g["item_id"])]
         return {"query": query, "docs": docs, "levels": torch.tensor(g["level"].astype(int).to_numpy())}
+
+
+def train_sampler(data: RerankSet, positive_share: float | None, seed: int) -> torch.utils.data.Sampler:
+    """Shuffled samples; in point mode with positive_share, drawn with replacement so that share of
+    pairs are instance matches (about 5% are: a plain shuffle let the model learn to say "no")."""
+    gen = torch.Generator().manual_seed(seed)
+    if data.mode == "list" or not positive_share:
+        return torch.utils.data.RandomSampler(data, generator=gen)
+    pos = np.array([int(g["level"].iloc[0]) == 0 for g in data.samples])
+    if not pos.any() or pos.all():
+        return torch.utils.data.RandomSampler(data, generator=gen)
+    w = np.where(pos, positive_share / pos.sum(), (1 - positive_share) / (~pos).sum())
+    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(w), num_samples=len(data), replacement=True,
+                                                  generator=gen)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -12,7 +12,7 @@ Two modes share the model, the prompt builder and the forward pass:
   four relevance levels; r_i = P(level 0 = instance).
 
 The answer tokens are added as special tokens (one id each, whatever the tokenizer), their rows
-initialised to the mean embedding. A reranker starts from an embedder checkpoint (the lineage's
+initialised to the embedding of their word ("yes", "no", "none", the index digits). A reranker starts from an embedder checkpoint (the lineage's
 stage-1 / ID model: the backbone already tells products apart); its LM head starts as a copy of the
 input embeddings because the embedder has none.
 """
@@ -39,6 +39,9 @@ NULL_TOKEN, YES_TOKEN, NO_TOKEN = "<|NULL|>", "<|yes|>", "<|no|>"
 MAX_CHUNK = 16
 INDEX_TOKENS = [f"<|cand_{i}|>" for i in range(MAX_CHUNK)]
 ANSWER_TOKENS = [NULL_TOKEN, YES_TOKEN, NO_TOKEN, *INDEX_TOKENS]
+# the words new answer tokens start from: identical rows (the mean embedding) gave P(yes) = 0.5 for
+# every pair and no gradient to tell yes from no; a pretrained LM already separates these words
+ANSWER_WORDS = {NULL_TOKEN: "none", YES_TOKEN: "yes", NO_TOKEN: "no", **{t: str(i) for i, t in enumerate(INDEX_TOKENS)}}
 N_LEVELS = 4
 SETTINGS_FILE = "reranker.json"
 SCORER_FILE = "scorer.pt"
@@ -147,7 +150,12 @@ class MLLMReranker(nn.Module):
             lm.resize_token_embeddings(len(tok), mean_resizing=False)
         with torch.no_grad():
             w = lm.get_input_embeddings().weight
-            w[old:] = w[:old].mean(0)                    # new answer tokens: the mean embedding
+            mean = w[:old].mean(0)
+            for t in ANSWER_TOKENS:   # each new answer token starts as its word ("yes", "no", "none", "3")
+                i = tok.convert_tokens_to_ids(t)
+                words = [j for j in tok(" " + ANSWER_WORDS[t], add_special_tokens=False)["input_ids"] if j < old]
+                if i >= old:
+                    w[i] = w[words].mean(0) if words else mean
             lm.lm_head.weight.copy_(w)                   # the embedder has no LM head: start tied
         return cls(lm, tok, emb.image_processor, family=emb.family.name, mode=mode, absolute=absolute,
                    max_text_tokens=max_text_tokens or emb.max_text_tokens, scorer_hidden=scorer_hidden,
@@ -247,6 +255,71 @@ class MLLMReranker(nn.Module):
         grid = torch.stack([d[1] for d in done])
         return pv, grid, self.family.image_tokens(self.lm.config, grid)
 
+    def _check_chunk(self, b: int, cands: Sequence[Doc]) -> list:
+        cands = list(cands)
+        if self.mode == POINT and len(cands) != 1:
+            raise ValueError(f"pointwise prompts hold one candidate, row {b} has {len(cands)}")
+        if not 1 <= len(cands) <= MAX_CHUNK:
+            raise ValueError(f"row {b}: a chunk holds 1..{MAX_CHUNK} candidates, got {len(cands)}")
+        return cands
+
+    def _plan_doc(self, b: int, si: int, doc: Doc, label: list[int], images: list) -> tuple:
+        """(segment, label ids, text ids, n images) of one prompt doc (segment 0 the query, i+1
+        candidate i); its images, and in point mode the query's centre crop, go onto `images`."""
+        im, text = doc[0], doc[1]
+        if im is None and not text:
+            raise ValueError(f"row {b}: {'the query' if si == 0 else f'candidate {si - 1}'} has neither image nor text")
+        n_img = 0
+        if im is not None:
+            images.append((im, doc[2] if len(doc) > 2 else None))
+            n_img = 1
+            if si == 0 and self.mode == POINT and self.query_crop:
+                images.append((center_crop(_open(im)), None))
+                n_img = 2
+        return si, label, self._text_ids(text), n_img
+
+    def _plan_cands(self, b: int, cands: list, images: list) -> list[tuple]:
+        labels = [self._cand_label if self.mode == POINT else [int(self.index_ids[i])] for i in range(len(cands))]
+        return [self._plan_doc(b, i + 1, c, label, images) for i, (c, label) in enumerate(zip(cands, labels))]
+
+    def _vision(self, images: list) -> tuple[dict, object]:
+        """(pixel_values / image_grid_thw of `images`, an iterator of their token counts)."""
+        if not images:
+            return {}, iter([])
+        pv, grid, tokens = self._pixels(images)
+        return {"pixel_values": pv, "image_grid_thw": grid}, iter(tokens)
+
+    def _join(self, head: list[int], segs: list[tuple], counts, tail: list[int]) -> tuple[list[int], list[int]]:
+        """Token ids and pool segments of head + the planned segments + tail."""
+        ids, seg = list(head), [-1] * len(head)
+        for si, label, text_ids, n_img in segs:
+            part, pool = list(label) + text_ids, [-1] * len(label) + [si] * len(text_ids)
+            for _ in range(n_img):
+                n = next(counts)
+                part += self._space + [self.vs_id] + [self.image_token_id] * n + [self.ve_id]
+                pool += [-1] * (len(self._space) + 1) + [si] * n + [-1]
+            if n_img:   # pool the image's span only (the paper's z): drop the text tokens
+                pool = [p if t == self.image_token_id else -1 for p, t in zip(pool, part)]
+            ids += part + self._nl
+            seg += pool + [-1] * len(self._nl)
+        return ids + tail, seg + [-1] * len(tail)
+
+    def _pad(self, rows: list[tuple[list[int], list[int]]], padding_side: str = "right") -> dict:
+        n, length = len(rows), max(len(r) for r, _ in rows)
+        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, length), dtype=torch.long)
+        pool_seg = torch.full((n, length), -1, dtype=torch.long)
+        for i, (r, s) in enumerate(rows):
+            sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
+            input_ids[i, sl] = torch.tensor(r)
+            attention_mask[i, sl] = 1
+            pool_seg[i, sl] = torch.tensor(s)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pool_seg": pool_seg}
+
+    @property
+    def _instr_tail(self) -> list[int]:
+        return (self._list_instr if self.mode == LIST else self._point_instr) + self._tail
+
     def prepare(self, queries: Sequence[Doc], candidates: Sequence[Sequence[Doc]], padding_side: str = "right") -> dict:
         """Tokenise a batch of prompts. list mode: row b = queries[b] + candidates[b] (1..MAX_CHUNK
         docs); point mode: candidates[b] holds exactly one doc. A Doc is (image | None, text | None,
@@ -258,61 +331,35 @@ class MLLMReranker(nn.Module):
         images: list[tuple[Image.Image, object]] = []
         plans = []   # per row: list of (segment, label ids, text ids, n images)
         for b, (q, cands) in enumerate(zip(queries, candidates)):
-            cands = list(cands)
-            if self.mode == POINT and len(cands) != 1:
-                raise ValueError(f"pointwise prompts hold one candidate, row {b} has {len(cands)}")
-            if not 1 <= len(cands) <= MAX_CHUNK:
-                raise ValueError(f"row {b}: a chunk holds 1..{MAX_CHUNK} candidates, got {len(cands)}")
-            segs = []
-            for si, (doc, label) in enumerate([(q, self._query_label)] + [
-                    (c, self._cand_label if self.mode == POINT else [int(self.index_ids[i])]) for i, c in enumerate(cands)]):
-                im, text = doc[0], doc[1]
-                if im is None and not text:
-                    raise ValueError(f"row {b}: {'the query' if si == 0 else f'candidate {si - 1}'} has neither image nor text")
-                n_img = 0
-                if im is not None:
-                    images.append((im, doc[2] if len(doc) > 2 else None))
-                    n_img = 1
-                    if si == 0 and self.mode == POINT and self.query_crop:
-                        images.append((center_crop(_open(im)), None))
-                        n_img = 2
-                segs.append((si, label, self._text_ids(text), n_img))
-            plans.append(segs)
-        vision: dict = {}
-        counts = iter([])
-        if images:
-            pv, grid, tokens = self._pixels(images)
-            vision, counts = {"pixel_values": pv, "image_grid_thw": grid}, iter(tokens)
-        rows, segrows = [], []
-        for segs in plans:
-            ids, seg = list(self._head), [-1] * len(self._head)
-            for si, label, text_ids, n_img in segs:
-                part, pool = list(label) + text_ids, [-1] * len(label) + [si] * len(text_ids)
-                for _ in range(n_img):
-                    n = next(counts)
-                    part += self._space + [self.vs_id] + [self.image_token_id] * n + [self.ve_id]
-                    pool += [-1] * (len(self._space) + 1) + [si] * n + [-1]
-                if n_img:   # pool the image's span only (the paper's z): drop the text tokens
-                    pool = [p if t == self.image_token_id else -1 for p, t in zip(pool, part)]
-                ids += part + self._nl
-                seg += pool + [-1] * len(self._nl)
-            instr = self._list_instr if self.mode == LIST else self._point_instr
-            ids += instr + self._tail
-            seg += [-1] * (len(instr) + len(self._tail))
-            rows.append(ids)
-            segrows.append(seg)
-        n, length = len(rows), max(len(r) for r in rows)
-        input_ids = torch.full((n, length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, length), dtype=torch.long)
-        pool_seg = torch.full((n, length), -1, dtype=torch.long)
-        for i, (r, s) in enumerate(zip(rows, segrows)):
-            sl = slice(length - len(r), length) if padding_side == "left" else slice(0, len(r))
-            input_ids[i, sl] = torch.tensor(r)
-            attention_mask[i, sl] = 1
-            pool_seg[i, sl] = torch.tensor(s)
-        mm = ((input_ids == self.image_token_id) & (attention_mask == 1)).int()
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm,
-                "pool_seg": pool_seg, "n_cands": torch.tensor([len(c) for c in candidates]), **vision}
+            cands = self._check_chunk(b, cands)
+            plans.append([self._plan_doc(b, 0, q, self._query_label, images)] + self._plan_cands(b, cands, images))
+        vision, counts = self._vision(images)
+        batch = self._pad([self._join(self._head, segs, counts, self._instr_tail) for segs in plans], padding_side)
+        mm = ((batch["input_ids"] == self.image_token_id) & (batch["attention_mask"] == 1)).int()
+        return {**batch, "mm_token_type_ids": mm, "n_cands": torch.tensor([len(c) for c in candidates]), **vision}
+
+    def prepare_split(self, queries: Sequence[Doc], candidates: Sequence[Sequence[Doc]]) -> tuple[dict, dict]:
+        """prepare()'s prompts cut after the query segment, for prefix reuse: consecutive rows with
+        the same query (as retrieval/rerank.py lays them out) share one prefix row (head + query).
+        Returns (prefix batch: input_ids, attention_mask, pool_seg, pixel_values, image_grid_thw;
+        suffix batch: the same for candidates + instruction + tail, plus n_cands and group [B], the
+        prefix row of each suffix row). Both right-padded."""
+        if len(queries) != len(candidates) or not queries:
+            raise ValueError(f"prepare_split() needs one candidate list per query, got {len(queries)} and "
+                             f"{len(candidates)}")
+        firsts, group = [], []
+        for b, q in enumerate(queries):
+            if not firsts or not _same_doc(queries[firsts[-1]], q):
+                firsts.append(b)
+            group.append(len(firsts) - 1)
+        pre_images, suf_images = [], []
+        pre_plans = [[self._plan_doc(b, 0, queries[b], self._query_label, pre_images)] for b in firsts]
+        suf_plans = [self._plan_cands(b, self._check_chunk(b, c), suf_images) for b, c in enumerate(candidates)]
+        (pre_vision, pre_counts), (suf_vision, suf_counts) = self._vision(pre_images), self._vision(suf_images)
+        pre = self._pad([self._join(self._head, p, pre_counts, []) for p in pre_plans])
+        suf = self._pad([self._join([], p, suf_counts, self._instr_tail) for p in suf_plans])
+        return ({**pre, **pre_vision}, {**suf, **suf_vision, "group": torch.tensor(group),
+                                        "n_cands": torch.tensor([len(c) for c in candidates])})
 
     # ----------------------------------------------------------------------------- forward
     @staticmethod
@@ -320,6 +367,29 @@ class MLLMReranker(nn.Module):
         """The last real token of each row (the answer is generated after it), any padding side."""
         idx = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
         return torch.where(attention_mask != 0, idx, -1).amax(-1)
+
+    @staticmethod
+    def _pool(hidden: Tensor, pool_seg: Tensor, n: int) -> Tensor:
+        """[B, n, D] mean of each segment 0..n-1's tokens (zero where a segment has none)."""
+        onehot = F.one_hot(pool_seg + 1, n + 1)[..., 1:].to(hidden.dtype)
+        return torch.einsum("bls,bld->bsd", onehot, hidden) / onehot.sum(1).clamp_min(1)[..., None]
+
+    def _outputs(self, logits: Tensor, n_cands: Tensor | None, z: Tensor | None) -> RerankOutput:
+        """The mode's scores from the answer-position logits [B, V]; z [B, 1 + m, D]: the pooled
+        query and candidate segments for the absolute scorer (list mode)."""
+        if self.mode == POINT:
+            return RerankOutput(logits, yes_logit=logits[:, self.yes_id] - logits[:, self.no_id])
+        dev = logits.device
+        m = int(n_cands.max())
+        slots = torch.arange(m, device=dev)
+        s = logits[:, self.index_ids[:m].to(dev)].masked_fill(slots[None, :] >= n_cands[:, None], float("-inf"))
+        out = RerankOutput(logits, s=s, s_null=logits[:, self.null_id])
+        if self.scorer is not None:
+            z0, zi = z[:, :1].expand(-1, m, -1), z[:, 1:]
+            parts = [z0, zi] + ([(z0 - zi).abs(), z0 * zi] if self.scorer_input == "interact" else [])
+            pair = torch.cat(parts, -1)
+            out.level_logits = self.scorer(pair.to(self.scorer[0].weight.dtype)).float()
+        return out
 
     def forward(self, batch: dict) -> RerankOutput:
         dev = self.device
@@ -330,33 +400,55 @@ class MLLMReranker(nn.Module):
         hidden = self.family.forward(self.lm.model, ids, mask, batch["mm_token_type_ids"].to(dev), pv, grid)
         rows = torch.arange(ids.shape[0], device=dev)
         logits = self.lm.lm_head(hidden[rows, self.answer_positions(mask)]).float()   # [B, V]
-        if self.mode == POINT:
-            return RerankOutput(logits, yes_logit=logits[:, self.yes_id] - logits[:, self.no_id])
-        n_cands = batch["n_cands"].to(dev)
-        m = int(n_cands.max())
-        slots = torch.arange(m, device=dev)
-        s = logits[:, self.index_ids[:m].to(dev)].masked_fill(slots[None, :] >= n_cands[:, None], float("-inf"))
-        out = RerankOutput(logits, s=s, s_null=logits[:, self.null_id])
-        if self.scorer is not None:
-            # mean-pool each segment's image tokens: one-hot [B, L, 1 + m] over segments 0..m
-            onehot = F.one_hot(batch["pool_seg"].to(dev) + 1, m + 2)[..., 1:].to(hidden.dtype)
-            z = torch.einsum("bls,bld->bsd", onehot, hidden) / onehot.sum(1).clamp_min(1)[..., None]
-            z0, zi = z[:, :1].expand(-1, m, -1), z[:, 1:]
-            parts = [z0, zi] + ([(z0 - zi).abs(), z0 * zi] if self.scorer_input == "interact" else [])
-            pair = torch.cat(parts, -1)
-            out.level_logits = self.scorer(pair.to(self.scorer[0].weight.dtype)).float()
-        return out
+        n_cands = batch["n_cands"].to(dev) if self.mode == LIST else None
+        # mean-pool each segment's image tokens: query (0) and candidates 1..m
+        z = self._pool(hidden, batch["pool_seg"].to(dev), int(n_cands.max()) + 1) if self.scorer is not None else None
+        return self._outputs(logits, n_cands, z)
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        """Whether the backbone can continue from a key/value cache (run_cached: pailitao_vl). The
+        Qwen-VL families number positions with M-RoPE from the whole prompt: they run uncached."""
+        return callable(getattr(self.lm.model, "run_cached", None))
+
+    def forward_cached(self, pre: dict, suf: dict) -> RerankOutput:
+        """forward() of prepare_split()'s prompts (inference only): each distinct prefix runs once,
+        its key/value cache is repeated over its suffix rows, and only the suffixes run after it,
+        positions continuing after each prefix. Equal to forward() of the whole prompts up to
+        floating-point error: causal attention makes the prefix states independent of the suffix."""
+        if self.training:   # training keeps whole prompts: forward() (a cache under checkpointing is dropped)
+            raise RuntimeError("forward_cached() is for inference; call eval() first")
+        dev, model = self.device, self.lm.model
+        pm, sm, group = pre["attention_mask"].to(dev), suf["attention_mask"].to(dev), suf["group"].to(dev)
+        pv = lambda b: None if b.get("pixel_values") is None else b["pixel_values"].to(dev)  # noqa: E731
+        h_pre, cache = model.run_cached(pre["input_ids"].to(dev), pm, pv(pre))
+        cache.batch_select_indices(group)   # one copy of its prefix's keys/values per suffix row
+        h_suf, _ = model.run_cached(suf["input_ids"].to(dev), torch.cat([pm[group], sm], 1), pv(suf), cache=cache)
+        rows = torch.arange(sm.shape[0], device=dev)
+        logits = self.lm.lm_head(h_suf[rows, self.answer_positions(sm)]).float()
+        n_cands = suf["n_cands"].to(dev) if self.mode == LIST else None
+        z = None
+        if self.scorer is not None:   # z0 from the prefix pass: the query's states do not see the suffix
+            m = int(n_cands.max())
+            z = torch.cat([self._pool(h_pre, pre["pool_seg"].to(dev), 1)[group],
+                           self._pool(h_suf, suf["pool_seg"].to(dev), m + 1)[:, 1:]], 1)
+        return self._outputs(logits, n_cands, z)
 
     @torch.no_grad()
-    def score(self, queries: Sequence[Doc], candidates: Sequence[Sequence[Doc]], batch_size: int = 16) -> list[dict]:
+    def score(self, queries: Sequence[Doc], candidates: Sequence[Sequence[Doc]], batch_size: int = 16,
+              prefix_cache: bool = False) -> list[dict]:
         """Inference, rows batched `batch_size` prompts at a time. Per row: list mode {s [m], s_null,
-        r [m] (absolute) , levels [m, 4] (absolute)}; point mode {p_yes}."""
+        r [m] (absolute) , levels [m, 4] (absolute)}; point mode {p_yes}. prefix_cache: rows of a
+        batch that share their query (consecutive, same doc) compute the shared prompt prefix once
+        (forward_cached; the same scores, fewer decoder tokens); ignored where not prefix_cacheable."""
         was = self.training
         self.eval()
+        cached = prefix_cache and self.prefix_cacheable
         out = []
         try:
             for i in range(0, len(queries), batch_size):
-                o = self.forward(self.prepare(queries[i:i + batch_size], candidates[i:i + batch_size]))
+                q, c = queries[i:i + batch_size], candidates[i:i + batch_size]
+                o = self.forward_cached(*self.prepare_split(q, c)) if cached else self.forward(self.prepare(q, c))
                 for b in range(o.answer_logits.shape[0]):
                     if self.mode == POINT:
                         out.append({"p_yes": float(torch.sigmoid(o.yes_logit[b]))})
@@ -370,6 +462,15 @@ class MLLMReranker(nn.Module):
         finally:
             self.train(was)
         return out
+
+
+def _same_doc(a: Doc, b: Doc) -> bool:
+    """The same query doc: the same object, or the same image (object or path) and text."""
+    if a is b:
+        return True
+    paths = isinstance(a[0], (str, Path)) and isinstance(b[0], (str, Path))
+    same_image = a[0] is b[0] or (paths and str(a[0]) == str(b[0]))
+    return same_image and a[1] == b[1]
 
 
 def answer_targets(levels: Tensor, index_ids: Tensor, null_id: int) -> Tensor:

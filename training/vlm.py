@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import json
 import os
 from collections import OrderedDict
@@ -326,15 +327,17 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
         pv = pixel_values.detach().float().cpu().contiguous()
         keys = [tid + hashlib.blake2b(p.numpy().tobytes(), digest_size=12).hexdigest() for p in pv]
         found = [self.features.get(k) for k in keys]
-        todo = [i for i, f in enumerate(found) if f is None]
+        # one tower pass per distinct image: a reranker batch repeats its query in every prompt
+        todo = list({keys[i]: i for i, f in reversed(list(enumerate(found))) if f is None}.values())
         if todo:
             getattr(self.vision_tower, "prepare", lambda: None)()
             with torch.inference_mode():
                 fmap = self.vision_tower(pixel_values[todo])
                 new = F.adaptive_avg_pool2d(fmap.float(), g).flatten(2).transpose(1, 2)
-            for i, f in zip(todo, new.to(torch.float16).cpu().numpy()):
-                found[i] = f
-                self.features.put(keys[i], f)
+            done = dict(zip((keys[i] for i in todo), new.to(torch.float16).cpu().numpy()))
+            for k, f in done.items():
+                self.features.put(k, f)
+            found = [done[k] if f is None else f for k, f in zip(keys, found)]
         return torch.from_numpy(np.stack(found)).to(pixel_values.device, torch.float32)
 
     def project(self, pooled: Tensor) -> Tensor:
@@ -344,12 +347,11 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
     def get_image_features(self, pixel_values: Tensor) -> Tensor:
         return self.project(self.pooled_features(pixel_values))
 
-    def _run(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
-             position_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """(last hidden state [B, L, D], pooled tower features [N_images, T, C] or None)."""
+    def _input_embeds(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None
+                      ) -> tuple[Tensor, Tensor | None]:
+        """(token embeddings with the projected images in the real placeholder tokens, pooled tower
+        features [N_images, T, C] or None)."""
         embeds = self.get_input_embeddings()(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         pooled = None
         if pixel_values is not None:
             pooled = self.pooled_features(pixel_values)
@@ -359,11 +361,40 @@ class PailitaoVLModel(PailitaoVLPreTrainedModel):
                 raise ValueError(f"{int(slots.sum())} image placeholder tokens for {img.shape[0]} images of "
                                  f"{img.shape[1]} tokens each")
             embeds = embeds.masked_scatter(slots[..., None].expand_as(embeds), img.reshape(-1, img.shape[-1]))
+        return embeds, pooled
+
+    def _run(self, input_ids: Tensor, attention_mask: Tensor | None, pixel_values: Tensor | None,
+             position_ids: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(last hidden state [B, L, D], pooled tower features [N_images, T, C] or None)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, pooled = self._input_embeds(input_ids, attention_mask, pixel_values)
         if position_ids is None:   # count real tokens only, so left padding does not shift positions
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
                                   position_ids=position_ids, use_cache=False)
         return out.last_hidden_state, pooled
+
+    def run_cached(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None,
+                   cache=None, position_ids: Tensor | None = None):
+        """Inference continuing the tokens held in `cache` (a transformers DynamicCache, extended in
+        place; None: start one): (last hidden state of `input_ids` [B, L, D], the cache).
+        attention_mask covers cached + new tokens ([B, cached + L]; zeros may sit anywhere, e.g. a
+        padded prefix); position_ids default to the real tokens counted over that whole mask, so
+        new tokens continue after each row's own prefix. The reranker's prefix reuse runs on it."""
+        from transformers import DynamicCache
+
+        n = input_ids.shape[1]
+        embeds, _ = self._input_embeds(input_ids, attention_mask[:, -n:], pixel_values)
+        if position_ids is None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -n:]
+        if cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        # newer transformers 5.x name the decoder's past_key_values argument `cache`: pass whichever it takes
+        kw = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else "past_key_values"
+        out = self.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                  use_cache=True, **{kw: cache})
+        return out.last_hidden_state, cache
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
                 image_grid_thw: Tensor | None = None, mm_token_type_ids: Tensor | None = None,
