@@ -44,6 +44,9 @@ ARMS = {
     # negatives without and with the graph refresh (= "ema")
     "random_negatives": ("embedding_model", {"margin": {"sampler": "random", "row_update": "ema"}}),
     "knn_static": ("embedding_model", {"margin": {"knn_refresh_steps": 0, "row_update": "ema"}}),
+    # several noisy query views of each prototype in a batch (its catalog image once)
+    "views_2": ("embedding_model", {"margin": {"views_per_prototype": 2, "row_update": "ema"}}),
+    "views_4": ("embedding_model", {"margin": {"views_per_prototype": 4, "row_update": "ema"}}),
 }
 UPSTREAM = ("validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder", "semantic_prototypes",
             ".cache", ".features")

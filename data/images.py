@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from data.schema import STATUS_OK, STATUS_QUARANTINED
 # Reasons are stable prefixes (the quarantine table and the tests rely on them).
 EMPTY, TOO_LARGE_FILE, NOT_IMAGE, CORRUPT = "empty file", "file too large", "not an image", "truncated or corrupt"
 TOO_MANY_PIXELS, TOO_SMALL, BAD_ASPECT, MISSING = "too many pixels", "too small", "extreme aspect ratio", "missing file"
+NOT_REGULAR, UNREADABLE = "not a regular file", "unreadable file"
+# A manifest's image path that does not name a file inside the manifest directory (data/sources.py).
+OUTSIDE, ABSOLUTE, URL = "path outside the catalog", "absolute path", "URL, not a file in the catalog"
 
 # We check sizes ourselves before decoding; Pillow's own guard stays on as a backstop.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -75,6 +79,31 @@ def decode_rgb(data: bytes, cfg: dict) -> Image.Image:
     return to_rgb_on_white(open_checked(data, cfg), cfg.get("max_side"))
 
 
+def quarantined(src: str, reason: str | None) -> dict:
+    """The image record of a source image that is not used (normalize_file fills in the rest)."""
+    return {"source_path": src, "path": None, "status": STATUS_QUARANTINED, "reason": reason,
+            "orig_width": None, "orig_height": None, "width": None, "height": None,
+            "sha256": None, "dhash": None, "bytes": None}
+
+
+def _check_regular(st: os.stat_result, src: str, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "directory" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode) else "special file"
+        raise BadImage(f"{NOT_REGULAR} ({kind}: {src})")
+    if st.st_size > max_bytes:  # refuse before reading it into memory
+        raise BadImage(f"{TOO_LARGE_FILE} ({st.st_size} bytes > {max_bytes})")
+
+
+def read_regular(src: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most max_bytes. Checked with stat before it is opened (a
+    FIFO opened for reading blocks forever, a device never ends) and again on the open descriptor,
+    in case the path was swapped in between; O_NONBLOCK keeps even that open from blocking."""
+    _check_regular(os.stat(src), src, max_bytes)
+    with os.fdopen(os.open(src, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+        _check_regular(os.fstat(f.fileno()), src, max_bytes)
+        return f.read(max_bytes + 1)  # a file still growing: open_checked refuses the excess
+
+
 def normalize_file(src: str, out_dir: str, cfg: dict, reuse_dir: str | None = None) -> dict:
     """Check and normalize one source image into out_dir/images/<sha[:2]>/<sha>.png.
 
@@ -82,16 +111,14 @@ def normalize_file(src: str, out_dir: str, cfg: dict, reuse_dir: str | None = No
     (a previous version of the catalog) already holds the normalized file, it is hard-linked instead
     of decoded again, which makes a repeated ingest fast.
     """
-    rec = {"source_path": src, "path": None, "status": STATUS_QUARANTINED, "reason": None,
-           "orig_width": None, "orig_height": None, "width": None, "height": None,
-           "sha256": None, "dhash": None, "bytes": None}
+    rec = quarantined(src, None)
     try:
-        size = os.path.getsize(src)
-        if size > cfg["max_bytes"]:  # refuse before reading it into memory
-            raise BadImage(f"{TOO_LARGE_FILE} ({size} bytes > {cfg['max_bytes']})")
-        data = Path(src).read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
+        data = read_regular(src, cfg["max_bytes"])
+    except FileNotFoundError:
         rec["reason"] = f"{MISSING} ({src})"
+        return rec
+    except OSError as e:  # permissions, a symlink loop: this file's problem, not the run's
+        rec["reason"] = f"{UNREADABLE} ({src}: {type(e).__name__})"
         return rec
     except BadImage as e:
         rec["reason"] = str(e)

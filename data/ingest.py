@@ -12,7 +12,7 @@ import imagehash
 import pandas as pd
 from tqdm import tqdm
 
-from data.images import normalize_file
+from data.images import normalize_file, quarantined
 from data.schema import (IMAGE_COLUMNS, ITEM_COLUMNS, QUARANTINE_COLUMNS, STATUS_OK, Catalog,
                          CatalogError, coerce)
 from data.sources import Source
@@ -32,6 +32,20 @@ def normalize_all(paths: list[str], out_dir: Path, cfg: dict, reuse_dir: Path | 
         return [fn(p) for p in tqdm(paths, **bar)]
     with ProcessPoolExecutor(max_workers=cfg["workers"]) as pool:
         return list(tqdm(pool.map(fn, paths, chunksize=32), **bar))
+
+
+def normalize_checked(paths: list[str], refused: list[str | None], out_dir: Path, cfg: dict,
+                      reuse_dir: Path | None, desc: str = "images") -> list[dict]:
+    """normalize_all over the paths the source accepted; a refused one (outside the catalog, a URL:
+    `refused` holds the reason) is quarantined without being touched."""
+    refused = [None if pd.isna(r) else r for r in refused]
+    done = iter(normalize_all([p for p, r in zip(paths, refused) if r is None], out_dir, cfg, reuse_dir, desc))
+    return [next(done) if r is None else quarantined(p, r) for p, r in zip(paths, refused)]
+
+
+def _refused(df: pd.DataFrame) -> list:
+    """The `refused` column of a source table (sources that check nothing have none)."""
+    return df["refused"].tolist() if "refused" in df else [None] * len(df)
 
 
 class _UnionFind:
@@ -101,9 +115,9 @@ def build_catalog(src: Source, out_dir: str | Path, params: dict) -> Catalog:
     reuse = out_dir if out_dir.is_dir() else None
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        recs = pd.DataFrame(normalize_all(images["source_path"].tolist(), tmp, cfg, reuse,
-                                          desc=f"{src.name} images"))
-        images = pd.concat([images.drop(columns=["source_path"]), recs], axis=1)
+        recs = pd.DataFrame(normalize_checked(images["source_path"].tolist(), _refused(images), tmp, cfg,
+                                              reuse, desc=f"{src.name} images"))
+        images = pd.concat([images.drop(columns=["source_path", "refused"], errors="ignore"), recs], axis=1)
         items = src.items.copy()
         if src.auto_group:
             items["group_id"] = group_twins(items, images, cfg["twin_hash_distance"])
@@ -131,7 +145,9 @@ def _write_queries(queries: pd.DataFrame, out_dir: Path, cfg: dict) -> None:
     image is recorded with its reason), text kept verbatim."""
     q = queries.reset_index(drop=True).copy()
     has_img = q["image"].notna()
-    recs = normalize_all(q.loc[has_img, "image"].tolist(), out_dir, cfg, None, desc="query images")
+    recs = normalize_checked(q.loc[has_img, "image"].tolist(), _refused(q[has_img]), out_dir, cfg, None,
+                             desc="query images")
+    q = q.drop(columns=["refused"], errors="ignore")
     q["source_image"] = q["image"]
     q["image"], q["status"], q["reason"] = None, STATUS_OK, None
     for idx, rec in zip(q.index[has_img], recs):

@@ -7,12 +7,14 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
+from data.images import ABSOLUTE, OUTSIDE, URL
 from data.schema import CATALOG_VIEW, CatalogError
 from pailitao.config import Paths, fingerprint
 
@@ -26,8 +28,8 @@ class Source:
     name: str
     root: Path
     items: pd.DataFrame            # item_id, title, category, group_id (may be null), split (may be null), extras
-    images: pd.DataFrame           # item_id, source_path (absolute), view
-    queries: pd.DataFrame | None = None  # query_id, image (absolute path or null), text, item_id
+    images: pd.DataFrame           # item_id, source_path (absolute), view, refused (optional: reason, else null)
+    queries: pd.DataFrame | None = None  # query_id, image (absolute path or null), text, item_id, refused (optional)
     synthetic: bool = False
     auto_group: bool = False       # join obvious twins into one instance after decoding (openclipart)
     meta: dict = field(default_factory=dict)
@@ -81,6 +83,30 @@ def _read_csv(path: Path, required: list[str], what: str) -> pd.DataFrame:
     return df.apply(lambda s: s.str.strip()).replace("", None)
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def catalog_file(root: Path, value: str) -> tuple[str, str | None]:
+    """(real path, None) for a manifest image path that names a file inside root (a resolved
+    directory), else (value, the reason it is refused). Symlinks are followed with lstat/readlink
+    only (os.path.realpath; Path.resolve would stat the target), so a file outside the catalog is
+    never stat'ed or opened; whether the target is a regular file is checked at decode time."""
+    if _URL.match(value):
+        return value, f"{URL} ({value})"
+    if os.path.isabs(value):
+        return value, f"{ABSOLUTE} ({value})"
+    real = Path(os.path.realpath(root / value))
+    if not real.is_relative_to(root):
+        return value, f"{OUTSIDE} ({value})"
+    return str(real), None
+
+
+def _catalog_files(root: Path, values: pd.Series) -> pd.DataFrame:
+    """catalog_file over a column (nulls stay null) as columns path, refused."""
+    rows = [catalog_file(root, v) if pd.notna(v) else (None, None) for v in values]
+    return pd.DataFrame(rows, columns=["path", "refused"], index=values.index, dtype=object)
+
+
 def load_manifest(root: str | Path) -> Source:
     root = Path(root).resolve()
     if not root.is_dir():
@@ -96,7 +122,8 @@ def load_manifest(root: str | Path) -> Source:
     if missing.any():
         raise CatalogError(f"{root / 'images.csv'}: empty 'image' value on row(s) "
                            f"{list(images.index[missing][:5] + 2)}")
-    images["source_path"] = images["image"].map(lambda p: str((root / p).resolve()))
+    checked = _catalog_files(root, images["image"])
+    images["source_path"], images["refused"] = checked["path"], checked["refused"]
     images["view"] = images["view"].fillna(CATALOG_VIEW) if "view" in images else CATALOG_VIEW
     images = images.drop(columns=["image"])
     queries = None
@@ -111,7 +138,8 @@ def load_manifest(root: str | Path) -> Source:
         if empty.any():
             raise CatalogError(f"{root / 'queries.csv'}: query {queries['query_id'][empty].iloc[0]!r} "
                                "has neither image nor text")
-        queries["image"] = queries["image"].map(lambda p: str((root / p).resolve()) if p else None)
+        checked = _catalog_files(root, queries["image"])
+        queries["image"], queries["refused"] = checked["path"], checked["refused"]
     return Source("manifest", root, items, images, queries, meta={"manifest": str(root)})
 
 

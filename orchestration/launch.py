@@ -23,14 +23,17 @@ def instance() -> DagsterInstance:
 
 
 def execute(profile: str | None = None, dataset: str | None = None, workdir: str | None = None,
-            dagster_instance: DagsterInstance | None = None, in_process: bool = False):
+            dagster_instance: DagsterInstance | None = None, in_process: bool = False,
+            sets: list[str] | None = None):
     """The lineage run's result. Step processes take everything from the run config (they start
-    from a fork server that may predate this call's environment), so the MLflow URI is in it too."""
+    from a fork server that may predate this call's environment), so the MLflow URI and the
+    `--set key.path=value` overrides are in it too."""
     from dagster import execute_job, reconstructable
 
     from orchestration.definitions import lineage
 
-    config = {"profile": profile or "", "dataset": dataset or "", "workdir": workdir or ""}
+    config = {"profile": profile or "", "dataset": dataset or "", "workdir": workdir or "",
+              "sets": list(sets or [])}
     run_config = {"resources": {"pipeline": {"config": config},
                                 "mlflow": {"config": {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", "")}}},
                   "loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -54,8 +57,8 @@ def decisions(result) -> str:
             f"Listwise reranker: {md['rerank_decision']} ({md['rerank_reasons']})")
 
 
-def run_job(profile: str | None, dataset: str | None) -> int:
-    result = execute(profile, dataset)
+def run_job(profile: str | None, dataset: str | None, sets: list[str] | None = None) -> int:
+    result = execute(profile, dataset, sets=sets)
     console = Console()
     table = Table(title=f"Dagster run {result.run_id} ({'success' if result.success else 'FAILED'})")
     for col in ("asset", "path", "key numbers"):

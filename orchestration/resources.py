@@ -9,11 +9,13 @@ from pailitao.config import dataset_override, deep_merge, load_params
 
 class PipelineConfig(ConfigurableResource):
     """Selects the params.yaml profile, the dataset (a manifest dir, `synthetic` or `openclipart`)
-    and where artifacts are written. Empty strings mean: as params.yaml says."""
+    and where artifacts are written. Empty strings mean: as params.yaml says. `sets` holds the CLI's
+    `--set key.path=value` overrides (checked against params.yaml like on the command line)."""
 
     profile: str = ""
     dataset: str = ""
     workdir: str = ""
+    sets: list[str] = []
 
     def params(self, mlflow: "MlflowTracking | None" = None) -> dict:  # noqa: UP037
         overrides = dataset_override(self.dataset or None)
@@ -21,7 +23,7 @@ class PipelineConfig(ConfigurableResource):
             overrides = deep_merge(overrides, {"workdir": self.workdir})
         if mlflow is not None and mlflow.tracking_uri:
             overrides = deep_merge(overrides, {"mlflow": {"tracking_uri": mlflow.tracking_uri}})
-        return load_params(self.profile or None, overrides)
+        return load_params(self.profile or None, overrides, sets=self.sets)
 
 
 class MlflowTracking(ConfigurableResource):

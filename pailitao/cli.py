@@ -21,7 +21,7 @@ def _params(args) -> dict:
     overrides = dataset_override(getattr(args, "dataset", None))
     if getattr(args, "workdir", None):
         overrides = deep_merge(overrides, {"workdir": str(Path(args.workdir).resolve())})
-    return load_params(args.profile, overrides, args.params)
+    return load_params(args.profile, overrides, args.params, sets=args.set)
 
 
 def _print(obj) -> None:
@@ -29,9 +29,17 @@ def _print(obj) -> None:
 
 
 def cmd_stage(args) -> int:
+    params = _params(args)   # a bad --set fails at once, before the stages' heavy imports
     from pailitao.lineage import STAGES
 
-    _print(STAGES[args.command](_params(args)).summary())
+    _print(STAGES[args.command](params).summary())
+    return 0
+
+
+def cmd_params(args) -> int:
+    import yaml
+
+    print(yaml.safe_dump(_params(args), sort_keys=False), end="")
     return 0
 
 
@@ -50,7 +58,7 @@ def cmd_run(args) -> int:
 
     out = Path(args.out).resolve()
     params = load_params(args.profile, deep_merge(dataset_override(args.dataset), {"workdir": str(out)}),
-                         args.params)
+                         args.params, sets=args.set)
     summary = run_lineage(params, out)
     _print(summary)
     d = summary["stages"]["ab_report"]
@@ -108,9 +116,10 @@ def cmd_ab(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    _params(args)   # a bad profile or --set key fails here, before Dagster is even imported
     from orchestration.launch import run_job
 
-    return run_job(args.profile, args.dataset)
+    return run_job(args.profile, args.dataset, args.set)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,10 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dataset", help="a manifest directory, `synthetic`, or `openclipart[:ROOT]`")
         if workdir:
             sp.add_argument("--workdir", help="where data/processed lives (default: params workdir)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override one parameter, value read as YAML (repeatable): --set serving.top_k=5")
 
     for name, text in stage_help().items():
         common(sub.add_parser(name, help=text))
     common(sub.add_parser("validate", help="run the validation rules on raw_catalog and print them"))
+    common(sub.add_parser("params", help="print the effective parameters (profile, --dataset, --set applied) as YAML"))
     run = sub.add_parser("run", help="run the whole lineage on a catalog; writes OUT/summary.json, metrics.json, report.html")
     common(run, workdir=False)
     run.add_argument("--out", required=True, help="output directory (its data/ holds every artifact)")
@@ -164,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                                               rich_tracebacks=True)])  # stdout: the command's JSON
     for noisy in ("alembic", "mlflow", "great_expectations", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"validate": cmd_validate, "run": cmd_run, "demo": cmd_demo, "search": cmd_search,
-                "serve": cmd_serve, "ab": cmd_ab}
+    handlers = {"params": cmd_params, "validate": cmd_validate, "run": cmd_run, "demo": cmd_demo,
+                "search": cmd_search, "serve": cmd_serve, "ab": cmd_ab}
     try:
         return handlers.get(args.command, cmd_stage)(args)
     except (CatalogError, ConfigError, FileNotFoundError) as e:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import os
@@ -32,15 +33,21 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 def set_overrides(items: list[str]) -> dict:
     """`section.key=value` strings as a nested overrides dict, each value parsed as YAML (YAML 1.1
-    reads 2e-5 as a string: such a string that is a number becomes a float)."""
+    reads 2e-5 as a string: such a string that is a number becomes a float). A numeric key part is
+    an int, as YAML reads the mapping it names (`ab.simulate.click.0`)."""
     out: dict = {}
     for item in items:
-        key, _, value = item.partition("=")
-        *path, leaf = key.split(".")
+        key, eq, value = item.partition("=")
+        if not eq or not all(key.split(".")):
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. serving.top_k=5")
+        *path, leaf = (int(k) if k.isdigit() else k for k in key.split("."))
         node = out
         for k in path:
             node = node.setdefault(k, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
         if isinstance(node[leaf], str):
             try:
                 node[leaf] = float(node[leaf])
@@ -49,9 +56,47 @@ def set_overrides(items: list[str]) -> dict:
     return out
 
 
+def param_paths(tree: dict, prefix: str = "") -> list[str]:
+    """Every dotted key path of a params tree, sections included: serving, serving.top_k, ..."""
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, dict):
+            out += param_paths(value, path + ".")
+    return out
+
+
+def _override_errors(base: dict, overrides: dict, prefix: str, known: list[str]) -> list[str]:
+    errors = []
+    for key, value in overrides.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            near = difflib.get_close_matches(path, known, n=1)
+            errors.append(f"unknown parameter {path!r}"
+                          + (f"; did you mean {near[0]!r}?" if near else " (no such key in params.yaml)"))
+        elif isinstance(base[key], dict) and base[key] and not isinstance(value, dict):
+            errors.append(f"{path!r} is a section, not a value; set one of its keys, e.g. "
+                          f"{path}.{next(iter(base[key]))}=...")
+        elif isinstance(value, dict) and isinstance(base[key], dict):
+            errors += _override_errors(base[key], value, path + ".", known)
+    return errors
+
+
+def check_overrides(params_base: dict, overrides: dict) -> None:
+    """--set may only change parameters params.yaml has: a typo would otherwise add a key nobody
+    reads, and the run would quietly use the default. Raises ConfigError naming every unknown key
+    with the closest valid one."""
+    errors = _override_errors(params_base, overrides, "", param_paths(params_base))
+    if errors:
+        raise ConfigError("--set: " + "; ".join(errors))
+
+
 def load_params(profile: str | None = None, overrides: dict | None = None,
-                path: str | Path | None = None) -> dict[str, Any]:
-    """base deep-merged with the profile (the file's `profile` key when none is given), then overrides."""
+                path: str | Path | None = None, sets: list[str] | None = None) -> dict[str, Any]:
+    """base deep-merged with the profile (the file's `profile` key when none is given), then
+    overrides, then `sets` (`key.path=value` strings from --set; unlike overrides, which callers
+    may use to add keys such as workdir, each must name a parameter of base or the profile)."""
     path = Path(path or PARAMS_PATH)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
@@ -60,7 +105,10 @@ def load_params(profile: str | None = None, overrides: dict | None = None,
     profiles = raw.get("profiles", {})
     if profile not in profiles:
         raise ConfigError(f"unknown profile {profile!r} in {path}; choose one of {sorted(profiles)}")
-    params = deep_merge(deep_merge(raw.get("base", {}), profiles[profile] or {}), overrides or {})
+    params = deep_merge(raw.get("base", {}), profiles[profile] or {})
+    user_sets = set_overrides(sets or [])
+    check_overrides(params, user_sets)
+    params = deep_merge(deep_merge(params, overrides or {}), user_sets)
     params["profile"] = profile
     params["params_dir"] = str(path.resolve().parent)  # relative paths in the file start here
     return params

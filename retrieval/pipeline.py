@@ -316,6 +316,9 @@ class Query:
 Reranker = Callable[[Query, list[Candidate]], list[Candidate]]
 
 
+RERANK_PARTS = ("prepare", "model", "merge")   # latency_ms rerank_<part> when a reranker runs
+
+
 def identity_rerank(query: Query, candidates: list[Candidate]) -> list[Candidate]:
     return candidates
 
@@ -487,6 +490,9 @@ class Searcher:
         t4 = time.perf_counter()
         lat = {"decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3, "ann": (t3 - t2) * 1e3,   # ann: + the lexical merge
                "rerank": (t4 - t3) * 1e3, "total": (t4 - t0) * 1e3}
+        stats = getattr(self.reranker, "last_stats", None) if cands else None
+        if stats:   # the reranker's own parts: prompts and pixels, forward passes, merge
+            lat.update({f"rerank_{part}": stats[f"{part}_ms"] for part in RERANK_PARTS if f"{part}_ms" in stats})
         return SearchResult(request_id or uuid.uuid4().hex, ranked, {k_: round(v, 3) for k_, v in lat.items()},
                             snap.version, self.model.name)
 

@@ -9,6 +9,7 @@ calibrated Candidate.p_instance.
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +50,16 @@ class _Base:
         # a query's prompts share their prefix (system + query): compute it once per batch and reuse
         # its key/value cache (same scores; the model falls back where its family cannot)
         self.prefix_cache = bool(prefix_cache)
-        self.last_stats: dict = {}
+        self._local = threading.local()   # the service reranks on a thread pool: stats per thread
+
+    @property
+    def last_stats(self) -> dict:
+        """This thread's last hook call: forward_passes, ms, and its parts prepare_ms (prompts and
+        pixels), model_ms (forward passes), merge_ms (merge, fusion, calibration)."""
+        return getattr(self._local, "stats", {})
 
     def rank_many(self, queries: Sequence[tuple], docs: Sequence[Sequence[tuple]],
-                  first_stage: Sequence[Sequence[float]] | None = None) -> list[Ranked]:
+                  first_stage: Sequence[Sequence[float]] | None = None, timing: dict | None = None) -> list[Ranked]:
         """Rank the docs of many queries; prompts of several queries share batches. With a fusion
         and the docs' retrieval scores (`first_stage`, by position), the order is the fused one."""
         rows_q, rows_d, spans, plans = [], [], [], []
@@ -63,8 +70,8 @@ class _Base:
             for positions in plan:
                 rows_q.append(q)
                 rows_d.append([d[i] for i in positions])
-        scored = (self.model.score(rows_q, rows_d, batch_size=self.batch_size, prefix_cache=self.prefix_cache)
-                  if rows_q else [])
+        scored = (self.model.score(rows_q, rows_d, batch_size=self.batch_size, prefix_cache=self.prefix_cache,
+                                   timing=timing) if rows_q else [])
         ranked = [self._merge(plan, scored[a:a + n]) for plan, (a, n) in zip(plans, spans)]
         if self.fusion is None or first_stage is None:
             return ranked
@@ -84,14 +91,17 @@ class _Base:
             return candidates
         t0 = time.perf_counter()
         docs = [(c.image, c.title, None) if c.image else (None, c.title or c.item_id, None) for c in candidates]
-        ranked = self.rank((query.image, query.text, None), docs, [c.score for c in candidates])
+        timing: dict = {}
+        ranked = self.rank_many([(query.image, query.text, None)], [docs], [[c.score for c in candidates]], timing)[0]
         out = []
         for pos in ranked.order:
             c = candidates[int(pos)]
             c.rerank_score = round(float(ranked.score[pos]), 6)
             c.p_instance = round(float(ranked.p_instance[pos]), 6)
             out.append(c)
-        self.last_stats = {"forward_passes": ranked.forward_passes, "ms": (time.perf_counter() - t0) * 1e3}
+        ms = (time.perf_counter() - t0) * 1e3
+        self._local.stats = {"forward_passes": ranked.forward_passes, "ms": ms, **timing,
+                             "merge_ms": max(0.0, ms - sum(timing.values()))}
         return out
 
 

@@ -188,7 +188,9 @@ def run_features(run: dict) -> list[dict[str, np.ndarray]]:
 
 def fit_fusion(run: dict) -> Fusion:
     """The fusion of retrieval and reranker scores, fit on a (validation) run's pairs."""
-    feats = run_features(run)
+    feats = [f for f in run_features(run) if len(f["first_stage"])]
+    if not feats:
+        raise ValueError("fusion needs validation pairs, the validation run has none")
     pooled = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
     return Fusion.fit(pooled, run["levels_by_rank"][run["levels_by_rank"] < 9] == 0)
 

@@ -38,7 +38,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pailitao.config import Paths
-from retrieval.pipeline import (NotReady, QueryError, Searcher, TooLarge, UnknownItem, build_searcher,
+from retrieval.pipeline import (RERANK_PARTS, NotReady, QueryError, Searcher, TooLarge, UnknownItem, build_searcher,
                                 load_embedder, resolve_model, variant_dirs)
 from serving.ab import EventLog, UnknownImpression, Variant, assign, variants_from_params
 
@@ -245,8 +245,9 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
     def run_search(searcher: Searcher, variant: str, image, text, k, request_id, query_id, unit):
         res = searcher.search(image, text, k, request_id)
         out = {**res.to_dict(), "variant": variant, "query_id": query_id}
-        for stage in STAGES:
-            metrics.stage_seconds.labels(variant, stage).observe(res.latency_ms[stage] / 1e3)
+        for stage in STAGES + tuple(f"rerank_{p}" for p in RERANK_PARTS):
+            if stage in res.latency_ms:   # the reranker's parts only where one ran
+                metrics.stage_seconds.labels(variant, stage).observe(res.latency_ms[stage] / 1e3)
         if event_log is not None:
             try:
                 event_log.impression(request_id=request_id, query_id=query_id, unit_id=unit, variant=variant,

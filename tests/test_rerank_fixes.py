@@ -129,3 +129,22 @@ def test_fused_reranker_orders_by_fusion(embedder_dir):  # noqa: F811
     assert ranked.order.tolist() == list(range(10))
     assert ranked.forward_passes == 3 and "unfused" in ranked.extra
     assert ranker.rank(d[0], d).extra.get("unfused") is None   # no scores given: the model's merge
+
+
+@pytest.mark.parametrize("informative", [False, True])
+def test_rerank_gate_serves_a_reranker_that_beats_retrieval_and_refuses_one_that_does_not(informative):
+    """The gate (evaluation.promotion.decide on the paired comparison, as ab_report runs it) on a
+    planted task: the fused reranker whose r knows the instance is served; the uninformed one is not."""
+    from evaluation import promotion
+    from evaluation.compare import compare
+    from evaluation.metrics import per_query_metrics
+
+    val, test = _runs(300, informative, 0), _runs(300, informative, 1)
+    fused = rs.apply_fusion(test, rs.fit_fusion(val))
+    ones = np.ones(300)
+    frame = lambda run: per_query_metrics(run["levels"], ones, ones)[["I-HR@1"]]  # noqa: E731
+    comp = compare(frame(test), frame(fused), n_boot=500)
+    lat = {"p95": 10.0}
+    cfg = {"metric": "I-HR@1", "latency_stat": "p95", "rerank_latency_budget_ms": 100.0}
+    decision = promotion.decide(comp, lat, lat, cfg, model="reranker_model", budget_key="rerank_latency_budget_ms")
+    assert decision.promoted == informative, decision.reasons

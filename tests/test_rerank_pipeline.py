@@ -60,6 +60,10 @@ def test_search_with_a_trained_reranker(tiny_lineage, catalog_first, kind):
     assert sorted(c.item_id for c in res.results) == sorted(c.item_id for c in base.results)
     assert all(0.0 <= c.p_instance <= 1.0 and c.rerank_score is not None for c in res.results)
     assert res.latency_ms["rerank"] > 0
+    parts = [res.latency_ms[f"rerank_{p}"] for p in pl.RERANK_PARTS]   # the reranker's cost by part
+    assert all(v >= 0 for v in parts) and res.latency_ms["rerank_model"] > 0
+    assert sum(parts) <= res.latency_ms["rerank"] + 1.0
+    assert "rerank_model" not in base.latency_ms
     body = res.to_dict()
     assert "p_instance" in body["results"][0] and "image" not in body["results"][0]   # no server paths leak
     passes = searcher.reranker.last_stats["forward_passes"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,11 +437,12 @@ class MLLMReranker(nn.Module):
 
     @torch.no_grad()
     def score(self, queries: Sequence[Doc], candidates: Sequence[Sequence[Doc]], batch_size: int = 16,
-              prefix_cache: bool = False) -> list[dict]:
+              prefix_cache: bool = False, timing: dict | None = None) -> list[dict]:
         """Inference, rows batched `batch_size` prompts at a time. Per row: list mode {s [m], s_null,
         r [m] (absolute) , levels [m, 4] (absolute)}; point mode {p_yes}. prefix_cache: rows of a
         batch that share their query (consecutive, same doc) compute the shared prompt prefix once
-        (forward_cached; the same scores, fewer decoder tokens); ignored where not prefix_cacheable."""
+        (forward_cached; the same scores, fewer decoder tokens); ignored where not prefix_cacheable.
+        timing: a dict that gets prepare_ms (prompts, pixels) and model_ms (forward passes) added."""
         was = self.training
         self.eval()
         cached = prefix_cache and self.prefix_cacheable
@@ -448,7 +450,13 @@ class MLLMReranker(nn.Module):
         try:
             for i in range(0, len(queries), batch_size):
                 q, c = queries[i:i + batch_size], candidates[i:i + batch_size]
-                o = self.forward_cached(*self.prepare_split(q, c)) if cached else self.forward(self.prepare(q, c))
+                t0 = time.perf_counter()
+                batch = self.prepare_split(q, c) if cached else (self.prepare(q, c),)
+                t1 = time.perf_counter()
+                o = self.forward_cached(*batch) if cached else self.forward(*batch)
+                if timing is not None:
+                    timing["prepare_ms"] = timing.get("prepare_ms", 0.0) + (t1 - t0) * 1e3
+                    timing["model_ms"] = timing.get("model_ms", 0.0) + (time.perf_counter() - t1) * 1e3
                 for b in range(o.answer_logits.shape[0]):
                     if self.mode == POINT:
                         out.append({"p_yes": float(torch.sigmoid(o.yes_logit[b]))})
