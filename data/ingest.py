@@ -1,4 +1,5 @@
-"""Source -> normalized catalog directory (data/schema.py): decode every image safely in parallel,
+"""Source -> normalized catalog directory (data/schema.py): check every item row (a bad one is
+quarantined with its reason, its images with it), decode every image safely in parallel,
 quarantine the bad ones with their reason, join openclipart twins, write the tables atomically."""
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import pandas as pd
 from tqdm import tqdm
 
 from data.images import normalize_file, quarantined
-from data.schema import (IMAGE_COLUMNS, ITEM_COLUMNS, QUARANTINE_COLUMNS, STATUS_OK, Catalog,
-                         CatalogError, coerce)
-from data.sources import Source
+from data.schema import (IMAGE_COLUMNS, ITEM_COLUMNS, ITEM_QUARANTINE_COLUMNS, QUARANTINE_COLUMNS,
+                         SPLITS, STATUS_OK, Catalog, CatalogError, coerce)
+from data.sources import ROW, Source
+from data.taxonomy import DEFAULT_MAX_DEPTH, normalize_text, path_problem
 from pailitao.config import fingerprint
 from pailitao.io import atomic_path, write_json
 
@@ -46,6 +48,81 @@ def normalize_checked(paths: list[str], refused: list[str | None], out_dir: Path
 def _refused(df: pd.DataFrame) -> list:
     """The `refused` column of a source table (sources that check nothing have none)."""
     return df["refused"].tolist() if "refused" in df else [None] * len(df)
+
+
+# item row reasons (the class before any " (detail)"), each with the validation rule it breaks
+MISSING_ID, DUPLICATE_ID = "missing item_id", "duplicate item_id"
+MISSING_TITLE = "missing title"
+EMPTY_CATEGORY, BAD_CATEGORY = "empty category", "malformed category path"
+UNKNOWN_SPLIT = "unknown split value"
+ITEM_REASON_RULES = {MISSING_ID: "unique_item_id", DUPLICATE_ID: "unique_item_id",
+                     MISSING_TITLE: "titles_non_empty", EMPTY_CATEGORY: "category_format",
+                     BAD_CATEGORY: "category_format", UNKNOWN_SPLIT: "items_schema"}
+DEFAULT_TITLE_MAX_CHARS = 500
+
+
+def reason_class(reason: str) -> str:
+    return str(reason).split(" (", 1)[0]
+
+
+def _text(value, clean) -> str | None:
+    """clean(str(value)), None for a null or for what cleans to ""."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return None
+    return clean(str(value)) or None
+
+
+def screen_items(items: pd.DataFrame, params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(usable items, quarantined rows, stats). Titles are NFKC-normalised with whitespace runs
+    (newlines too) made one space, and cut to validation.title_max_chars; a row is quarantined, with
+    the first reason that applies, for: missing item_id, duplicate item_id (every row of an id given
+    more than once: which row its images belong to is unknowable), missing title (shorter than
+    validation.title_min_chars), empty category, malformed category path (an empty level, more than
+    validation.category_max_depth levels), unknown split value. `category` must hold the normalised
+    key (data/taxonomy.py) already."""
+    v = params.get("validation", {})
+    max_chars = int(v.get("title_max_chars") or DEFAULT_TITLE_MAX_CHARS)
+    min_chars = int(v.get("title_min_chars", 1))
+    max_depth = int(v.get("category_max_depth") or DEFAULT_MAX_DEPTH)
+    items = items.reset_index(drop=True).copy()
+    if ROW not in items.columns:
+        items[ROW] = pd.NA
+    ids = items["item_id"].map(lambda i: _text(i, str.strip))
+    items["item_id"] = ids
+    titles = items["title"].map(lambda t: _text(t, normalize_text))
+    long = titles.map(lambda t: t is not None and len(t) > max_chars)
+    items["title"] = titles.map(lambda t: t[:max_chars].rstrip() if t is not None and len(t) > max_chars
+                                else t)
+    counts = ids.value_counts()
+    reasons = []
+    for r in items.itertuples(index=False):
+        item_id, title, category, split = (getattr(r, c) for c in ("item_id", "title", "category", "split"))
+        if item_id is None:
+            reason = MISSING_ID
+        elif counts[item_id] > 1:
+            reason = f"{DUPLICATE_ID} ({counts[item_id]} rows)"
+        elif title is None or len(title.strip()) < min_chars:
+            reason = MISSING_TITLE
+        elif (problem := path_problem(category if isinstance(category, str) else None, max_depth)):
+            reason = problem
+        elif isinstance(split, str) and split not in SPLITS:
+            reason = f"{UNKNOWN_SPLIT} ({split!r}; allowed: {', '.join(SPLITS)})"
+        else:
+            reason = None
+        reasons.append(reason)
+    bad = pd.Series(reasons, index=items.index, dtype=object).notna()
+    q = items[bad]
+    display = "category_display" if "category_display" in items.columns else "category"
+    quarantine = pd.DataFrame({"item_id": q["item_id"], "row": q[ROW],
+                               "reason": [reasons[i] for i in q.index],
+                               "rule": [ITEM_REASON_RULES[reason_class(reasons[i])] for i in q.index],
+                               "title": q["title"], "category": q[display], "split": q["split"]})
+    kept = items[~bad].drop(columns=[ROW]).reset_index(drop=True)
+    stats = {"item_rows": len(items), "items_quarantined": int(bad.sum()),
+             "item_quarantine_reasons": {k: int(n) for k, n in
+                                         quarantine["reason"].map(reason_class).value_counts().items()},
+             "titles_truncated": int((long & ~bad).sum()), "title_max_chars": max_chars}
+    return kept, quarantine.reset_index(drop=True), stats
 
 
 class _UnionFind:
@@ -110,7 +187,13 @@ def build_catalog(src: Source, out_dir: str | Path, params: dict) -> Catalog:
     cfg = params["ingest"]
     if src.items.empty:
         raise CatalogError(f"{src.root}: the catalog has no items")
+    items, item_q, item_stats = screen_items(src.items, params)
     images = src.images.reset_index(drop=True).copy()
+    if len(item_q):   # the images of a quarantined row go with it, undecoded
+        per_item = images["item_id"].value_counts()
+        item_q["images"] = item_q["item_id"].map(per_item).fillna(0).astype("int64")
+        images = images[~images["item_id"].isin(set(item_q["item_id"].dropna()))].reset_index(drop=True)
+    item_q = coerce(item_q, ITEM_QUARANTINE_COLUMNS)
     images["image_id"] = images["item_id"] + "-" + images.groupby("item_id").cumcount().astype(str)
     reuse = out_dir if out_dir.is_dir() else None
     with atomic_path(out_dir) as tmp:
@@ -118,7 +201,6 @@ def build_catalog(src: Source, out_dir: str | Path, params: dict) -> Catalog:
         recs = pd.DataFrame(normalize_checked(images["source_path"].tolist(), _refused(images), tmp, cfg,
                                               reuse, desc=f"{src.name} images"))
         images = pd.concat([images.drop(columns=["source_path", "refused"], errors="ignore"), recs], axis=1)
-        items = src.items.copy()
         if src.auto_group:
             items["group_id"] = group_twins(items, images, cfg["twin_hash_distance"])
         items["group_id"] = items["group_id"].fillna(items["item_id"])
@@ -128,15 +210,17 @@ def build_catalog(src: Source, out_dir: str | Path, params: dict) -> Catalog:
         items.to_parquet(tmp / "items.parquet", index=False)
         images.to_parquet(tmp / "images.parquet", index=False)
         quarantine.to_parquet(tmp / "quarantine.parquet", index=False)
+        item_q.to_parquet(tmp / "item_quarantine.parquet", index=False)
         if src.queries is not None:
             _write_queries(src.queries, tmp, cfg)
         meta = {"source": src.name, "synthetic": src.synthetic, "root": str(src.root),
                 "fingerprint": catalog_fingerprint(items, images), "items": len(items),
                 "images": len(images), "instances": int(items["group_id"].nunique()),
-                "quarantined": len(quarantine), **{f"source_{k}": v for k, v in src.meta.items()}}
+                "quarantined": len(quarantine), **item_stats,
+                **{f"source_{k}": v for k, v in src.meta.items()}}
         write_json(meta, tmp / "meta.json")
-    log.info("catalog %s: %d items, %d images, %d quarantined", out_dir, len(items), len(images),
-             len(quarantine))
+    log.info("catalog %s: %d items (%d rows quarantined), %d images, %d quarantined", out_dir, len(items),
+             len(item_q), len(images), len(quarantine))
     return Catalog.load(out_dir)
 
 

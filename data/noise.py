@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -390,6 +391,19 @@ _NEIGHBOURS = {c: "".join(_ROWS[rr][cc] for rr, cc in
                for i, row in enumerate(_ROWS) for j, c in enumerate(row)}
 
 
+@lru_cache(maxsize=4096)
+def _latin_char(c: str) -> bool:
+    return "LATIN" in unicodedata.name(c, "")
+
+
+def _latin(word: str) -> bool:
+    """Whether a word is written in Latin script (every letter, at least one): the English rules
+    (plurals, abbreviations, vowel dropping) apply to such words only, never to CJK, Cyrillic,
+    Arabic, ... words, whose typos are script-neutral (swaps, drops, doubles)."""
+    letters = [c for c in word if c.isalpha()]
+    return bool(letters) and all(_latin_char(c) for c in letters)
+
+
 @lru_cache(maxsize=1)
 def _inflect():
     import inflect
@@ -404,8 +418,10 @@ def _like(new: str, old: str) -> str:
 
 
 def _number(words: list[str], s: float, rng: np.random.Generator) -> None:
-    """Swap singular/plural of the head noun (titles end with it) and, at high strength, of another word."""
-    cand = [i for i, w in enumerate(words) if w.isalpha() and len(w) >= 3 and w.lower() not in _STOP]
+    """Swap singular/plural of the head noun (titles end with it) and, at high strength, of another word.
+    English rules: Latin-script words only."""
+    cand = [i for i, w in enumerate(words) if w.isalpha() and len(w) >= 3 and w.lower() not in _STOP
+            and _latin(w)]
     if not cand:
         return
     for i in [cand[-1]] + [i for i in cand[:-1] if rng.random() < 0.3 * s]:
@@ -418,12 +434,13 @@ def _number(words: list[str], s: float, rng: np.random.Generator) -> None:
 
 
 def _abbrev(words: list[str], s: float, rng: np.random.Generator) -> None:
-    """Dictionary abbreviations, else drop the vowels of or truncate a long word."""
+    """Dictionary abbreviations, else drop the vowels of or truncate a long word (Latin-script words
+    only: "pkg", "lt." make no sense on other scripts)."""
     hits = [i for i, w in enumerate(words) if w.lower() in _ABBREV]
     chosen = [i for i in hits if rng.random() < 0.5 + 0.5 * s] or hits[:1]
     for i in chosen:
         words[i] = _ABBREV[words[i].lower()]
-    long = [i for i, w in enumerate(words) if i not in chosen and w.isalpha() and len(w) >= 6]
+    long = [i for i, w in enumerate(words) if i not in chosen and w.isalpha() and len(w) >= 6 and _latin(w)]
     picked = [i for i in long if rng.random() < 0.3 * s]
     if not chosen and not picked and long:
         picked = [long[rng.integers(len(long))]]
@@ -463,7 +480,10 @@ def _typo(words: list[str], s: float, rng: np.random.Generator) -> None:
 def noise_text(text: str, level: str, cfg: dict, seed: int) -> str:
     """Shopper-typed query text: number swaps, abbreviations and typos, each with its probability per
     text (text_number, text_abbrev, text_typo in cfg); strength scales how many words are touched.
-    Whitespace between words is kept; clean (empty cfg) returns the text unchanged."""
+    Each rule touches only words of a script it fits: plurals and abbreviations are English rules
+    (Latin-script words), typos (swap, drop, double a letter; a QWERTY neighbour for Latin letters)
+    apply to any script. Whitespace between words is kept; clean (empty cfg) returns the text
+    unchanged."""
     cfg, s = _check(level, cfg)
     if not text:
         return ""

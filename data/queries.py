@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from data.judgments import qrels
 from data.noise import _STOP, noise_image, noise_text
 from data.schema import CATALOG_VIEW, STATUS_OK, Catalog
 from data.splits import unit_hash
+from pailitao.console import progress
 
 GIVEN = "given"
 IMAGE, TEXT, IMAGE_TEXT = "image", "text", "image_text"   # modalities; TEXT, IMAGE_TEXT are levels too
@@ -140,12 +140,12 @@ def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[
 def render_queries(tasks: list[dict], out_dir: Path, workers: int = 1) -> None:
     """Render tasks (dst relative to out_dir) with a progress bar, in worker processes when many."""
     tasks = [{**t, "dst": str(Path(out_dir) / t["dst"])} for t in tasks]
-    bar = dict(total=len(tasks), desc="query images", unit="img", mininterval=2.0, disable=None)
+    bar = dict(desc="query images", total=len(tasks), unit="img", mininterval=2.0)
     if workers <= 1 or len(tasks) < 64:
-        list(tqdm(map(render_query, tasks), **bar))
+        list(progress(map(render_query, tasks), **bar))
     else:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            list(tqdm(pool.map(render_query, tasks, chunksize=16), **bar))
+            list(progress(pool.map(render_query, tasks, chunksize=16), **bar))
 
 
 def given_queries(catalog: Catalog, splits: pd.DataFrame) -> pd.DataFrame:

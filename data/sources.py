@@ -6,7 +6,9 @@
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
 import re
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ import pandas as pd
 
 from data.images import ABSOLUTE, OUTSIDE, URL
 from data.schema import CATALOG_VIEW, CatalogError
+from data.taxonomy import DEFAULT_SEPARATOR, category_key, separator
 from pailitao.config import Paths, fingerprint
 
 OPENCLIPART_HINT = ("the openclipart catalog is missing at {root}: install it with "
@@ -32,6 +35,7 @@ class Source:
     queries: pd.DataFrame | None = None  # query_id, image (absolute path or null), text, item_id, refused (optional)
     synthetic: bool = False
     auto_group: bool = False       # join obvious twins into one instance after decoding (openclipart)
+    # items: `category` holds the normalised key (data/taxonomy.py), `category_display` the text as given
     meta: dict = field(default_factory=dict)
 
 
@@ -69,18 +73,98 @@ def load_openclipart(root: str | Path) -> Source:
                   meta={"files": len(files)})
 
 
-def _read_csv(path: Path, required: list[str], what: str) -> pd.DataFrame:
+TEXT_COLUMNS = ("item_id", "title", "category", "group_id", "split", "image", "view", "query_id", "text")
+ROW = "__row__"   # the source row of an item (quarantine reports name it); dropped at ingest
+
+
+def table_file(root: Path, stem: str, what: str, required: bool = True) -> Path | None:
+    """root/stem.csv or root/stem.parquet (one of them); None when optional and absent."""
+    found = [p for p in (root / f"{stem}.csv", root / f"{stem}.parquet") if p.is_file()]
+    if len(found) > 1:
+        raise CatalogError(f"{root}: both {stem}.csv and {stem}.parquet exist; keep one")
+    if found:
+        return found[0]
+    if required:
+        raise CatalogError(f"{root / (stem + '.csv')}: {what} file not found (nor {stem}.parquet)")
+    return None
+
+
+def _utf8_error(path: Path, raw: bytes, err: UnicodeDecodeError) -> str:
+    """Where a non-UTF-8 byte sits: row (as a spreadsheet numbers them, the header is row 1),
+    physical line and column, from the records parsed before it."""
+    prefix = raw[:err.start].decode("utf-8", errors="replace").removeprefix("\ufeff")
+    line = prefix.count("\n") + 1
+    try:
+        records = [r for r in csv.reader(io.StringIO(prefix + "\ue000")) if r]
+    except csv.Error:
+        records = []
+    where = f"line {line}"
+    if records:
+        row, fields = len(records), len(records[-1])
+        header = records[0] if row > 1 else None
+        col = (f", column {header[fields - 1]!r}" if header and fields <= len(header)
+               else f", field {fields}")
+        where = f"row {row} (line {line}{col})" if row > 1 else f"the header (line {line})"
+    hint = (" (the file looks like UTF-16: save it as UTF-8)"
+            if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else "; save the file as UTF-8")
+    return (f"{path}: {where}: byte 0x{raw[err.start]:02x} at offset {err.start} is not valid "
+            f"UTF-8{hint}")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - an unreadable file is a user error, named
+        raise CatalogError(f"{path}: cannot read Parquet ({e})") from None
+    for i, name in enumerate(table.column_names):
+        if name.strip() not in TEXT_COLUMNS:
+            continue
+        col = table.column(i)
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            if not (pa.types.is_integer(col.type) or pa.types.is_null(col.type)):
+                bad = next((r for r, v in enumerate(col.to_pylist()) if v is not None), 0)
+                raise CatalogError(f"{path}: column {name.strip()!r} has type {col.type}, expected text "
+                                   f"(row {bad + 1}: {col[bad].as_py()!r})")
+            col = col.cast(pa.string())
+        table = table.set_column(i, name, col)
+    return table.to_pandas()
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CatalogError(_utf8_error(path, raw, e)) from None
+    try:
+        return pd.read_csv(io.StringIO(text.removeprefix("\ufeff")), dtype=str, keep_default_na=False)
+    except Exception as e:  # noqa: BLE001 - an unreadable CSV is a user error, named
+        raise CatalogError(f"{path}: cannot parse CSV ({str(e).strip()})") from None
+
+
+def _read_table(path: Path, required: list[str], what: str) -> pd.DataFrame:
+    """A manifest table (CSV: UTF-8 with or without a BOM, quoted fields may hold newlines; or
+    Parquet): text columns as stripped str (blank -> None), extra columns kept, and the source row
+    of every record in ROW (CSV: as a spreadsheet numbers them, the header is row 1; Parquet: from 1)."""
     if not path.is_file():
         raise CatalogError(f"{path}: {what} file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except Exception as e:  # noqa: BLE001 - an unreadable CSV is a user error, named
-        raise CatalogError(f"{path}: cannot parse CSV ({e})") from None
-    df.columns = [c.strip() for c in df.columns]
+    parquet = path.suffix.lower() == ".parquet"
+    df = _read_parquet(path) if parquet else _read_csv(path)
+    df.columns = [str(c).strip() for c in df.columns]
     for col in required:
         if col not in df.columns:
             raise CatalogError(f"{path}: missing column '{col}' (has: {', '.join(df.columns)})")
-    return df.apply(lambda s: s.str.strip()).replace("", None)
+    for col in df.columns:
+        if parquet and col not in TEXT_COLUMNS:
+            continue   # Parquet extras keep their types
+        df[col] = df[col].map(lambda v: (v.strip() or None) if isinstance(v, str) else v)
+    df[ROW] = df.index + (1 if parquet else 2)
+    return df
 
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -107,40 +191,51 @@ def _catalog_files(root: Path, values: pd.Series) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["path", "refused"], index=values.index, dtype=object)
 
 
-def load_manifest(root: str | Path) -> Source:
+def load_manifest(root: str | Path, category_separator: str = DEFAULT_SEPARATOR) -> Source:
+    """A directory in the data contract: items, images and optional queries as .csv or .parquet.
+    Categories are split by `category_separator`; `category` gets the normalised key and
+    `category_display` the text as given. Rows are checked at ingest (data/ingest.py)."""
+    sep = separator(category_separator)
     root = Path(root).resolve()
     if not root.is_dir():
         raise CatalogError(f"{root}: manifest directory not found")
-    items = _read_csv(root / "items.csv", ["item_id", "title", "category"], "items")
+    items_path = table_file(root, "items", "items")
+    items = _read_table(items_path, ["item_id", "title", "category"], "items")
     for col in ("group_id", "split"):
         if col not in items.columns:
             items[col] = None
-    items["category"] = items["category"].map(lambda c: clean_category(c) if c is not None else None)
-    items["split"] = items["split"].map(lambda s: s.lower() if s is not None else None)
-    images = _read_csv(root / "images.csv", ["item_id", "image"], "images")
+    if "category_display" not in items.columns:
+        items.insert(list(items.columns).index("category") + 1, "category_display", items["category"])
+    items["category"] = items["category"].map(lambda c: category_key(c, sep) if c is not None else None)
+    items["split"] = items["split"].map(lambda s: s.lower() if isinstance(s, str) else None)
+    images_path = table_file(root, "images", "images")
+    images = _read_table(images_path, ["item_id", "image"], "images")
     missing = images["image"].isna()
     if missing.any():
-        raise CatalogError(f"{root / 'images.csv'}: empty 'image' value on row(s) "
-                           f"{list(images.index[missing][:5] + 2)}")
+        raise CatalogError(f"{images_path}: empty 'image' value on row(s) "
+                           f"{list(images.loc[missing, ROW][:5])}")
     checked = _catalog_files(root, images["image"])
     images["source_path"], images["refused"] = checked["path"], checked["refused"]
     images["view"] = images["view"].fillna(CATALOG_VIEW) if "view" in images else CATALOG_VIEW
-    images = images.drop(columns=["image"])
+    images = images.drop(columns=["image", ROW])
     queries = None
-    if (root / "queries.csv").is_file():
-        queries = _read_csv(root / "queries.csv", ["query_id", "item_id"], "queries")
+    queries_path = table_file(root, "queries", "queries", required=False)
+    if queries_path is not None:
+        queries = _read_table(queries_path, ["query_id", "item_id"], "queries").drop(columns=[ROW])
         if "image" not in queries and "text" not in queries:
-            raise CatalogError(f"{root / 'queries.csv'}: needs an 'image' or a 'text' column")
+            raise CatalogError(f"{queries_path}: needs an 'image' or a 'text' column")
         for col in ("image", "text"):
             if col not in queries:
                 queries[col] = None
         empty = queries["image"].isna() & queries["text"].isna()
         if empty.any():
-            raise CatalogError(f"{root / 'queries.csv'}: query {queries['query_id'][empty].iloc[0]!r} "
+            raise CatalogError(f"{queries_path}: query {queries['query_id'][empty].iloc[0]!r} "
                                "has neither image nor text")
         checked = _catalog_files(root, queries["image"])
         queries["image"], queries["refused"] = checked["path"], checked["refused"]
-    return Source("manifest", root, items, images, queries, meta={"manifest": str(root)})
+    return Source("manifest", root, items, images, queries,
+                  meta={"manifest": str(root), "items_file": items_path.name,
+                        "category_separator": sep})
 
 
 def load_synthetic(cfg: dict, seed: int, paths: Paths) -> Source:
@@ -175,7 +270,7 @@ def load_source(params: dict, paths: Paths) -> Source:
     if kind == "openclipart":
         src = load_openclipart(ds["root"])
     elif kind == "manifest":
-        src = load_manifest(ds["root"])
+        src = load_manifest(ds["root"], ds.get("category_separator", DEFAULT_SEPARATOR))
     elif kind == "synthetic":
         src = load_synthetic(ds["synthetic"], params["seed"], paths)
     else:

@@ -9,6 +9,12 @@ Bad data never raises: a missing column, an empty table or a wrong dtype becomes
 whose description names the problem. Only programming errors raise (wrong argument types, a params
 dict without the validation / ingest keys, an invalid category regex).
 
+Item rows that break a rule at ingest (data/ingest.py screen_items: missing title, empty or
+malformed category path, duplicate item_id, unknown split) are quarantined there with their reason,
+like bad images; `items_quarantine` fails only when their share passes
+validation.item_quarantine_max_share (default: quarantine_max_share). The other item rules then
+check what was kept (and still catch a table that was never screened).
+
 How the rules map onto GX: every rule is a handful of expectations on one of a few frames (the two
 tables, and small frames derived from them with pandas: stripped titles, ok-image dimensions,
 per-item image counts, sha256 owners, item-id membership). All frames are validated in one
@@ -30,12 +36,14 @@ import pandas as pd
 
 from data.schema import CATALOG_VIEW, IMAGE_COLUMNS, ITEM_COLUMNS, SPLITS, STATUS_OK, \
     STATUS_QUARANTINED
+from data.taxonomy import KEY_SEPARATOR
 
 CHECK_NAMES: tuple[str, ...] = (
     "items_schema",
     "unique_item_id",
     "titles_non_empty",
     "category_format",
+    "items_quarantine",
     "images_schema",
     "images_decode",
     "image_dimensions",
@@ -69,8 +77,10 @@ def failed_errors(outcomes: Iterable[CheckOutcome]) -> list[CheckOutcome]:
 
 
 def validate_catalog(catalog, params: dict) -> list[CheckOutcome]:
-    """`validate_tables` on a loaded `data.schema.Catalog`."""
-    return validate_tables(catalog.items, catalog.images, params)
+    """`validate_tables` on a loaded `data.schema.Catalog` (with its quarantined item rows)."""
+    return validate_tables(catalog.items, catalog.images, params,
+                           item_quarantine=getattr(catalog, "item_quarantine", None),
+                           meta=getattr(catalog, "meta", None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,32 +90,43 @@ def validate_catalog(catalog, params: dict) -> list[CheckOutcome]:
 class _Config:
     quarantine_max_share: float
     title_min_chars: int
-    category_pattern: str
+    category_pattern: str | None   # optional extra regex on the normalised path (null: structure only)
     max_side: int
     min_side: int
     max_pixels: int
     max_aspect: float
+    item_quarantine_max_share: float = 0.02
+    title_max_chars: int = 500
+    category_max_depth: int = 8
 
     @classmethod
     def from_params(cls, params: dict) -> "_Config":
         try:
             v, ing = params["validation"], params["ingest"]
-            cfg = cls(quarantine_max_share=float(v["quarantine_max_share"]),
+            share = float(v["quarantine_max_share"])
+            item_share = v.get("item_quarantine_max_share")
+            cfg = cls(quarantine_max_share=share,
                       title_min_chars=int(v["title_min_chars"]),
-                      category_pattern=str(v["category_pattern"]),
+                      category_pattern=(str(v["category_pattern"]) if v.get("category_pattern")
+                                        else None),
                       max_side=int(ing["max_side"]), min_side=int(ing["min_side"]),
-                      max_pixels=int(ing["max_pixels"]), max_aspect=float(ing["max_aspect"]))
+                      max_pixels=int(ing["max_pixels"]), max_aspect=float(ing["max_aspect"]),
+                      item_quarantine_max_share=share if item_share is None else float(item_share),
+                      title_max_chars=int(v.get("title_max_chars") or 500),
+                      category_max_depth=int(v.get("category_max_depth") or 8))
         except (KeyError, TypeError) as exc:
-            raise ValueError(f"params need validation.{{quarantine_max_share, title_min_chars, "
-                             f"category_pattern}} and ingest.{{max_side, min_side, max_pixels, "
-                             f"max_aspect}}: {exc!r}") from exc
-        if not 0.0 <= cfg.quarantine_max_share <= 1.0:
-            raise ValueError(f"validation.quarantine_max_share must be in [0, 1], "
-                             f"got {cfg.quarantine_max_share}")
-        try:
-            re.compile(cfg.category_pattern)
-        except re.error as exc:
-            raise ValueError(f"validation.category_pattern is not a valid regex: {exc}") from exc
+            raise ValueError(f"params need validation.{{quarantine_max_share, title_min_chars}} and "
+                             f"ingest.{{max_side, min_side, max_pixels, max_aspect}}: {exc!r}") from exc
+        for name in ("quarantine_max_share", "item_quarantine_max_share"):
+            if not 0.0 <= getattr(cfg, name) <= 1.0:
+                raise ValueError(f"validation.{name} must be in [0, 1], got {getattr(cfg, name)}")
+        if cfg.category_max_depth < 1:
+            raise ValueError(f"validation.category_max_depth must be >= 1, got {cfg.category_max_depth}")
+        if cfg.category_pattern is not None:
+            try:
+                re.compile(cfg.category_pattern)
+            except re.error as exc:
+                raise ValueError(f"validation.category_pattern is not a valid regex: {exc}") from exc
         return cfg
 
     @property
@@ -286,8 +307,12 @@ def _to_result(evr) -> _Result:
 # ---------------------------------------------------------------------------------------------
 # the rules
 
-def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> list[CheckOutcome]:
-    """Run every check in CHECK_NAMES on the two catalog tables; never raises for bad data."""
+def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict,
+                    item_quarantine: pd.DataFrame | None = None,
+                    meta: dict | None = None) -> list[CheckOutcome]:
+    """Run every check in CHECK_NAMES on the two catalog tables; never raises for bad data.
+    item_quarantine: the item rows quarantined at ingest (item_id, row, reason, rule); meta: the
+    catalog's meta.json (its titles_truncated count is reported)."""
     if not isinstance(items, pd.DataFrame) or not isinstance(images, pd.DataFrame):
         raise TypeError("validate_tables expects two pandas DataFrames (items, images), got "
                         f"{type(items).__name__}, {type(images).__name__}")
@@ -339,11 +364,54 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> 
     if "category" in items.columns:
         plan.expect("items", "category_format", "not_null",
                     gxe.ExpectColumnValuesToNotBeNull(column="category"))
-        plan.expect("items", "category_format", "pattern",
-                    gxe.ExpectColumnValuesToMatchRegex(column="category",
-                                                       regex=cfg.category_pattern))
+        # structure, not an alphabet: levels split by "/" (the normalised key, data/taxonomy.py)
+        cats = pd.DataFrame({"category": _as_str(items["category"])})
+        levels = cats["category"].str.split(KEY_SEPARATOR, regex=False)
+        cats["depth"] = levels.map(len, na_action="ignore").astype("Int64")
+        cats["empty_levels"] = levels.map(lambda ls: sum(not lv.strip() for lv in ls),
+                                          na_action="ignore").astype("Int64")
+        if "item_id" in items.columns:
+            cats.insert(0, "item_id", items["item_id"])
+        plan.frame("categories", cats, ["item_id"])
+        plan.expect("categories", "category_format", "no_empty_level",
+                    gxe.ExpectColumnValuesToBeBetween(column="empty_levels", min_value=0, max_value=0))
+        plan.expect("categories", "category_format", "depth",
+                    gxe.ExpectColumnValuesToBeBetween(column="depth", min_value=1,
+                                                      max_value=cfg.category_max_depth))
+        if cfg.category_pattern is not None:
+            plan.expect("categories", "category_format", "pattern",
+                        gxe.ExpectColumnValuesToMatchRegex(column="category",
+                                                           regex=cfg.category_pattern))
+        bad = (cats["empty_levels"].fillna(0) > 0) | (cats["depth"].fillna(1) > cfg.category_max_depth)
+        if cfg.category_pattern is not None:
+            rx = re.compile(cfg.category_pattern)
+            bad |= cats["category"].map(lambda c: rx.search(c) is None, na_action="ignore") \
+                .fillna(False).astype(bool)
+        pre["category_format"]["bad_values"] = sorted(set(cats.loc[bad, "category"].dropna()))
+        pre["category_format"]["bad_rows"] = int(bad.sum())
 
-    # 5 images_schema -----------------------------------------------------------------------------
+    # 5 items_quarantine --------------------------------------------------------------------------
+    # item rows quarantined at ingest beside the kept ones: fails above the allowed share
+    iq = item_quarantine if item_quarantine is not None else pd.DataFrame(columns=["item_id", "reason"])
+    iq_reasons = (_as_str(iq["reason"]) if "reason" in iq.columns
+                  else pd.Series(pd.NA, index=iq.index, dtype=pd.StringDtype())).fillna("(no reason)")
+    rows = pd.DataFrame({"accepted": [True] * len(items) + [False] * len(iq)})
+    plan.frame("item_rows", rows)
+    plan.expect("item_rows", "items_quarantine", "accepted",
+                gxe.ExpectColumnValuesToBeInSet(column="accepted", value_set=[True],
+                                                mostly=1.0 - cfg.item_quarantine_max_share))
+    pre["items_quarantine"] = {
+        "kept": len(items), "quarantined": len(iq),
+        "reason_counts": {str(k): int(v) for k, v in
+                          iq_reasons.str.split(" (", n=1, regex=False).str[0].value_counts().items()},
+        "rules": ({str(k): str(v) for k, v in zip(iq_reasons.str.split(" (", n=1, regex=False).str[0],
+                                                   iq["rule"])} if "rule" in iq.columns else {}),
+        "examples": [{c: _jsonable(r.get(c)) for c in ("item_id", "row", "reason") if c in r}
+                     for r in iq.head(MAX_EXAMPLES).to_dict("records")],
+        "titles_truncated": int((meta or {}).get("titles_truncated", 0) or 0),
+        "title_max_chars": int((meta or {}).get("title_max_chars") or cfg.title_max_chars)}
+
+    # 6 images_schema -----------------------------------------------------------------------------
     plan.expect("images", "images_schema", "rows", gxe.ExpectTableRowCountToBeBetween(min_value=1))
     for col, dtype in IMAGE_COLUMNS.items():
         plan.expect("images", "images_schema", f"exists:{col}", gxe.ExpectColumnToExist(column=col))
@@ -377,7 +445,7 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> 
         pre["images_schema"]["not_checked"].append("images.item_id in items.item_id "
                                                    "(items has no item_id column)")
 
-    # 6 images_decode -----------------------------------------------------------------------------
+    # 7 images_decode -----------------------------------------------------------------------------
     pre["images_decode"] = {"missing": [c for c in ["status"] if c not in images.columns]}
     if "status" in images.columns:
         decode = pd.DataFrame({"status": _as_str(images["status"]).fillna("<null>")})
@@ -399,7 +467,7 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> 
             {"image_id": _jsonable(i), "reason": r}
             for i, r in zip(ids[not_ok].head(MAX_EXAMPLES), reasons.head(MAX_EXAMPLES))]
 
-    # 7 image_dimensions --------------------------------------------------------------------------
+    # 8 image_dimensions --------------------------------------------------------------------------
     dim_cols = ["status", "width", "height", "orig_width", "orig_height"]
     pre["image_dimensions"] = {"missing": [c for c in dim_cols if c not in images.columns]}
     if not pre["image_dimensions"]["missing"]:
@@ -431,7 +499,7 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> 
                     gxe.ExpectColumnValuesToBeBetween(column="orig_aspect",
                                                       max_value=cfg.max_aspect))
 
-    # 8 items_have_images -------------------------------------------------------------------------
+    # 9 items_have_images -------------------------------------------------------------------------
     cov_missing = ([f"items.{c}" for c in ["item_id"] if c not in items.columns]
                    + [f"images.{c}" for c in ["item_id", "status", "view"]
                       if c not in images.columns])
@@ -447,7 +515,7 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> 
                     gxe.ExpectColumnValuesToBeBetween(column="ok_catalog_images", min_value=1,
                                                       mostly=cfg.mostly))
 
-    # 9 duplicate_images --------------------------------------------------------------------------
+    # 10 duplicate_images --------------------------------------------------------------------------
     dup_missing = [c for c in ["sha256", "item_id", "status"] if c not in images.columns]
     pre["duplicate_images"] = {"missing": dup_missing}
     if not dup_missing:
@@ -476,6 +544,7 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict) -> 
         "unique_item_id": lambda: _unique_item_id(of("unique_item_id"), items, pre["unique_item_id"]),
         "titles_non_empty": lambda: _titles(of("titles_non_empty"), items, cfg, pre["titles_non_empty"]),
         "category_format": lambda: _category(of("category_format"), items, cfg, pre["category_format"]),
+        "items_quarantine": lambda: _items_quarantine(of("items_quarantine"), cfg, pre["items_quarantine"]),
         "images_schema": lambda: _images_schema(of("images_schema"), images, image_dupe_cols,
                                                 pre["images_schema"]),
         "images_decode": lambda: _images_decode(of("images_decode"), images, cfg, pre["images_decode"]),
@@ -599,20 +668,56 @@ def _category(res, items, cfg, pre):
         return _not_checked("items", pre["missing"])
     if items.empty:
         return _empty("items")
-    nulls, pattern = res["not_null"], res["pattern"]
-    n_null, n_bad = nulls.unexpected_count or 0, pattern.unexpected_count or 0
-    bad_values = sorted(set(map(str, pattern.examples)))
-    meta = {"rows": len(items), "pattern": cfg.category_pattern, "null_count": n_null,
+    nulls = res["not_null"]
+    n_null = nulls.unexpected_count or 0
+    n_bad = pre["bad_rows"]
+    bad_values = pre["bad_values"][:MAX_EXAMPLES]
+    rule = f"a non-empty path of at most {cfg.category_max_depth} non-empty levels"
+    if cfg.category_pattern is not None:
+        rule += f" matching {cfg.category_pattern!r}"
+    structural = [r for label, r in res.items() if label != "not_null"]
+    meta = {"rows": len(items), "rule": rule, "pattern": cfg.category_pattern,
+            "max_depth": cfg.category_max_depth, "null_count": n_null,
+            "empty_level_count": res["no_empty_level"].unexpected_count or 0,
+            "too_deep_count": res["depth"].unexpected_count or 0,
             "mismatch_count": n_bad, "mismatch_examples": bad_values,
-            "example_item_ids": [e.get("item_id") for e in pattern.index_examples
-                                 if isinstance(e, dict)], **_gx_meta(res)}
-    if nulls.success and pattern.success:
-        return True, f"all {len(items)} categories match {cfg.category_pattern!r}", meta
-    desc = (f"{n_null + n_bad} of {len(items)} categories null or not matching "
-            f"{cfg.category_pattern!r} ({n_null} null, {n_bad} malformed")
+            "example_item_ids": sorted({e.get("item_id") for r in structural for e in r.index_examples
+                                        if isinstance(e, dict)} - {None})[:MAX_EXAMPLES],
+            **_gx_meta(res)}
+    if all(r.success for r in res.values()):
+        return True, f"all {len(items)} categories are {rule}", meta
+    desc = (f"{n_null + n_bad} of {len(items)} categories null or not {rule} ({n_null} null, "
+            f"{n_bad} malformed")
     desc += f", e.g. {_quote_list(bad_values)})" if bad_values else ")"
     notes = _exception_notes(res)
     return False, desc + ("; " + "; ".join(notes) if notes else ""), meta
+
+
+def _items_quarantine(res, cfg, pre):
+    r = res["accepted"]
+    kept, quarantined = pre["kept"], pre["quarantined"]
+    total = kept + quarantined
+    share = quarantined / total if total else 0.0
+    reasons = pre["reason_counts"]
+    meta = {"rows": total, "kept": kept, "quarantined": quarantined, "share": share,
+            "max_share": cfg.item_quarantine_max_share, "reason_counts": reasons,
+            "rules": pre["rules"], "examples": pre["examples"],
+            "titles_truncated": pre["titles_truncated"], "title_max_chars": pre["title_max_chars"],
+            **_gx_meta(res)}
+    truncated = (f"; {pre['titles_truncated']} title(s) cut to {pre['title_max_chars']} characters"
+                 if pre["titles_truncated"] else "")
+    if total == 0:
+        return False, "items table is empty (0 rows): nothing to validate", meta
+    cmp = "<=" if r.success else ">"
+    desc = (f"{quarantined} of {total} item rows quarantined ({_pct(share)} {cmp} "
+            f"{_pct(cfg.item_quarantine_max_share)} allowed)")
+    if reasons:
+        desc += ": " + ", ".join(f"{n} {reason}" + (f" [{pre['rules'][reason]}]" if reason in pre["rules"]
+                                                    else "")
+                                 for reason, n in list(reasons.items())[:6])
+    if r.exception:
+        desc += f"; GX error {r.exception}"
+    return r.success, desc + truncated, meta
 
 
 def _images_schema(res, images, dupe_cols, pre):

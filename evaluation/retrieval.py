@@ -28,12 +28,12 @@ def gallery(catalog: Catalog) -> pd.DataFrame:
 def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
     """The gallery and its [N, dim] (image, title) embeddings, streamed batch by batch with one
     progress bar, so memory holds one batch of decoded images, not the catalog."""
-    from tqdm.auto import tqdm
+    from pailitao.console import progress
 
     g = gallery(catalog)
     out = np.zeros((len(g), dim), dtype=np.float32)
     files, titles = g["path"].tolist(), g["title"].tolist()
-    for s in tqdm(range(0, len(g), batch_size), desc="gallery", unit="batch"):
+    for s in progress(range(0, len(g), batch_size), "gallery", unit="batch"):
         ims = [Image.open(catalog.image_file(p)).convert("RGB") for p in files[s:s + batch_size]]
         out[s:s + len(ims)] = embedder.encode(ims, titles[s:s + batch_size], batch_size=batch_size, dim=dim)
     return g, out

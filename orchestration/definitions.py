@@ -1,6 +1,10 @@
 """The one Dagster Definitions: `dagster dev -m orchestration.definitions` (make ui)."""
 from dagster import AssetSelection, Definitions, JobDefinition, define_asset_job, multiprocess_executor
 
+from pailitao.console import quiet_libraries
+
+quiet_libraries()   # before the assets import faiss, mlflow, lightning; the step processes fork from here
+
 from orchestration import data_assets, evaluation_assets, model_assets, rerank_assets, retrieval_assets
 from orchestration.resources import default_resources
 

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
+import traceback
 from pathlib import Path
 
-from rich.console import Console
-from rich.logging import RichHandler
-
 from data.schema import CatalogError
-from pailitao.config import ConfigError, dataset_override, deep_merge, load_params
+from pailitao import console
+from pailitao.config import ConfigError, Paths, dataset_override, deep_merge, load_params
 
-log = logging.getLogger("pailitao")
+BAD_INPUT = (CatalogError, ConfigError, FileNotFoundError)   # exit 2; any other failure exits 1
 
 
 def _params(args) -> dict:
@@ -28,12 +26,38 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _failed_stage(e: BaseException) -> str | None:
+    """The stage `pailitao run` was in when e was raised: run_lineage's loop variable."""
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        if frame.f_code.co_name == "run_lineage":
+            return frame.f_locals.get("name")
+    return None
+
+
+def _logged(label: str, params: dict, work) -> int:
+    """work() with its log kept in <workdir>/data/processed/.logs/<label>-<time>-<pid>.log; a failure
+    ends in one line on stderr: what failed, why, and where the full log (traceback included) is."""
+    path = console.log_path(Paths.from_params(params).processed / ".logs", label)
+    try:
+        with console.logged_to(path):
+            return work()
+    except Exception as e:
+        stage = _failed_stage(e)
+        what = label if stage in (None, label) else f"{label} (stage {stage})"
+        print(f"pailitao {what} failed: {console.one_line(e)} (full log: {path})", file=sys.stderr)
+        return 2 if isinstance(e, BAD_INPUT) else 1
+
+
 def cmd_stage(args) -> int:
     params = _params(args)   # a bad --set fails at once, before the stages' heavy imports
-    from pailitao.lineage import STAGES
 
-    _print(STAGES[args.command](params).summary())
-    return 0
+    def work() -> int:
+        from pailitao.lineage import STAGES
+
+        _print(STAGES[args.command](params).summary())
+        return 0
+
+    return _logged(args.command, params, work)
 
 
 def cmd_params(args) -> int:
@@ -59,12 +83,16 @@ def cmd_run(args) -> int:
     out = Path(args.out).resolve()
     params = load_params(args.profile, deep_merge(dataset_override(args.dataset), {"workdir": str(out)}),
                          args.params, sets=args.set)
-    summary = run_lineage(params, out)
-    _print(summary)
-    d = summary["stages"]["ab_report"]
-    print(f"\nwrote {out / 'summary.json'}, {out / 'metrics.json'} and {out / 'report.html'}")
-    print(f"champion decision: {d['decision']} ({d['reasons']})")
-    return 0
+
+    def work() -> int:
+        summary = run_lineage(params, out)
+        _print(summary)
+        d = summary["stages"]["ab_report"]
+        print(f"\nwrote {out / 'summary.json'}, {out / 'metrics.json'} and {out / 'report.html'}")
+        print(f"champion decision: {d['decision']} ({d['reasons']})")
+        return 0
+
+    return _logged("run", params, work)
 
 
 def cmd_search(args) -> int:
@@ -127,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="pailitao", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="warnings and errors only, no progress bars (as PAILITAO_QUIET=1)")
     p.add_argument("--params", help="params file (default: the repository's params.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -171,18 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False,
-                                              rich_tracebacks=True)])  # stdout: the command's JSON
-    for noisy in ("alembic", "mlflow", "great_expectations", "urllib3", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    console.setup(quiet=args.quiet, verbose=args.verbose)   # the log on stderr; stdout: the command's JSON
     handlers = {"params": cmd_params, "validate": cmd_validate, "run": cmd_run, "demo": cmd_demo,
                 "search": cmd_search, "serve": cmd_serve, "ab": cmd_ab}
     try:
         return handlers.get(args.command, cmd_stage)(args)
-    except (CatalogError, ConfigError, FileNotFoundError) as e:
-        log.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+    except BAD_INPUT as e:
+        print(f"error: {e}", file=sys.stderr)   # one line (no log record of it as well)
         return 2
 
 

@@ -48,6 +48,8 @@ def set_overrides(items: list[str]) -> dict:
             node[leaf] = yaml.safe_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e.problem})") from None
+        if node[leaf] in (None, "") and value.strip() in (">", "|"):
+            node[leaf] = value.strip()   # a bare > or | is a separator, not YAML's block-scalar indicator
         if isinstance(node[leaf], str):
             try:
                 node[leaf] = float(node[leaf])

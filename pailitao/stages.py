@@ -68,6 +68,31 @@ def quarantine_summary(catalog: Catalog) -> str:
             + "\n\nExamples:\n\n" + _md_table(q[["item_id", "reason"]], 10))
 
 
+def item_quarantine_summary(catalog: Catalog) -> str:
+    """The item rows quarantined at ingest: counts by reason (with the rule each breaks), examples."""
+    q = catalog.item_quarantine
+    rows = int(catalog.meta.get("item_rows", len(catalog.items)))
+    truncated = int(catalog.meta.get("titles_truncated", 0) or 0)
+    tail = (f"\n\n{truncated} title(s) cut to {catalog.meta.get('title_max_chars')} characters."
+            if truncated else "")
+    if q is None or q.empty:
+        return "No item row quarantined." + tail
+    reasons = (q.assign(reason=q["reason"].str.split(" (", n=1, regex=False).str[0])
+               .groupby(["reason", "rule"]).size().rename("rows").sort_values(ascending=False))
+    head = f"{len(q)} of {rows} item rows quarantined ({len(q) / max(rows, 1):.2%}).\n\n"
+    return (head + reasons.reset_index().to_markdown(index=False)
+            + "\n\nExamples:\n\n" + _md_table(q[["item_id", "row", "reason"]], 10) + tail)
+
+
+def _item_metrics(meta: dict) -> dict:
+    rows = int(meta.get("item_rows", meta["items"]))
+    n = int(meta.get("items_quarantined", 0))
+    return {"item_rows": rows, "items_quarantined": n, "items_quarantined_share": n / max(rows, 1),
+            "titles_truncated": int(meta.get("titles_truncated", 0) or 0),
+            **{f"items_quarantined.{k.replace(' ', '_')}": int(v)
+               for k, v in (meta.get("item_quarantine_reasons") or {}).items()}}
+
+
 def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """Load the configured source and write the normalized catalog (bad images quarantined)."""
     paths, t0 = Paths.from_params(params), time.perf_counter()
@@ -78,13 +103,18 @@ def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
                       metrics={"items": m["items"], "images": m["images"], "instances": m["instances"],
                                "quarantined": m["quarantined"],
                                "quarantined_share": m["quarantined"] / max(m["images"], 1),
+                               **_item_metrics(m),
                                "seconds": round(time.perf_counter() - t0, 2)},
                       info={"source": m["source"], "synthetic": m["synthetic"],
                             "fingerprint": m["fingerprint"], "root": m["root"]},
                       markdown={"preview": _md_table(catalog.items),
-                                "quarantine": quarantine_summary(catalog)})
+                                "quarantine": quarantine_summary(catalog),
+                                "item_quarantine": item_quarantine_summary(catalog)})
     with start_run("raw_catalog", params, m["fingerprint"], dagster_run_id) as run:
         mlflow.log_table(catalog.quarantine, "quarantine.json")
+        if catalog.item_quarantine is not None and len(catalog.item_quarantine):
+            mlflow.log_table(catalog.item_quarantine.astype(object).where(
+                catalog.item_quarantine.notna(), None), "item_quarantine.json")
         return _finish(res, run)
 
 
@@ -106,7 +136,8 @@ def _link_tree(src: Path, dst: Path) -> None:
 
 
 def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
-    """The raw catalog minus quarantined images and items left without a catalog image. Refuses to
+    """The raw catalog minus quarantined images and items left without a catalog image (item rows
+    quarantined at ingest are not in it, nor their images). Refuses to
     run when a blocking validation rule fails (in Dagster the blocking asset checks stop it first;
     the rules run again here so no caller can skip them)."""
     paths = Paths.from_params(params)
@@ -126,6 +157,8 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageR
         items.to_parquet(tmp / "items.parquet", index=False)
         images.to_parquet(tmp / "images.parquet", index=False)
         raw.quarantine.to_parquet(tmp / "quarantine.parquet", index=False)
+        if raw.item_quarantine is not None:
+            raw.item_quarantine.to_parquet(tmp / "item_quarantine.parquet", index=False)
         if raw.queries is not None:
             raw.queries.to_parquet(tmp / "queries.parquet", index=False)
         meta = {**raw.meta, "items": len(items), "images": len(images),
@@ -137,10 +170,13 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageR
     res = StageResult("validated_catalog", out,
                       metrics={"items": meta["items"], "images": meta["images"],
                                "instances": meta["instances"], "dropped_items": meta["dropped_items"],
+                               "items_quarantined": int(meta.get("items_quarantined", 0)),
+                               "titles_truncated": int(meta.get("titles_truncated", 0) or 0),
                                "checks_passed": sum(o.passed for o in outcomes)},
                       info={"fingerprint": meta["fingerprint"], "synthetic": meta["synthetic"],
                             "source": meta["source"]},
                       markdown={"quarantine": quarantine_summary(catalog),
+                                "item_quarantine": item_quarantine_summary(catalog),
                                 "categories": catalog.items["category"].value_counts().head(15)
                                 .rename_axis("category").reset_index().to_markdown(index=False)})
     with start_run("validated_catalog", params, meta["fingerprint"], dagster_run_id) as run:

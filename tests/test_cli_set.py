@@ -106,3 +106,10 @@ def test_dagster_run_config_carries_set_to_the_pipeline_resource(monkeypatch):
     config = seen["resources"]["pipeline"]["config"]
     assert config["sets"] == ["serving.top_k=3"]
     assert PipelineConfig(**config).params()["serving"]["top_k"] == 3
+
+
+def test_a_bare_separator_is_kept_not_read_as_a_yaml_block_indicator():
+    from pailitao.config import set_overrides
+
+    assert set_overrides(["dataset.category_separator=>"]) == {"dataset": {"category_separator": ">"}}
+    assert set_overrides(["dataset.category_separator=|"]) == {"dataset": {"category_separator": "|"}}

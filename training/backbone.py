@@ -562,8 +562,8 @@ class MLLMEmbedder(nn.Module):
         out: list[np.ndarray] = []
         starts = range(0, n, max(1, int(batch_size)))
         if progress:
-            from tqdm.auto import tqdm
-            starts = tqdm(starts, desc="encode", unit="batch")
+            from pailitao.console import progress as bar
+            starts = bar(starts, "encode", unit="batch")
         try:
             for s in starts:
                 emb = self.forward(self.prepare(images[s:s + batch_size], texts[s:s + batch_size]))

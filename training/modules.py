@@ -190,9 +190,13 @@ def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps
     precision = t["precision"]
     if precision == "auto":   # bf16 on a GPU, full precision on a CPU
         precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    from pailitao import console
+
+    console.quiet_libraries()   # Lightning is imported by now: its tips and warnings, its own handler
     trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"],
                         strategy=t["strategy"], precision=precision, logger=logger or False,
-                        callbacks=[ckpt, *(callbacks or [])], default_root_dir=str(work_dir),
+                        callbacks=[ckpt, console.lightning_progress(), *(callbacks or [])],
+                        default_root_dir=str(work_dir), enable_progress_bar=False,   # one bar over max_steps
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         max_epochs=-1, use_distributed_sampler=False)
     last = ckpt_dir / "last.ckpt"
