@@ -135,8 +135,7 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, *
     disable=None), so logs and Dagster's captured output hold no bar fragments."""
     from tqdm.auto import tqdm
 
-    disable = True if is_quiet() else kw.pop("disable", None)
-    kw.setdefault("dynamic_ncols", True)
+    disable = kw.pop("disable", None) or is_quiet() or None
     return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, **kw)
 
 

@@ -95,6 +95,7 @@ def test_quiet_shows_warnings_only_and_turns_the_bars_off(capsys, tmp_path):
 def test_quiet_env_alone_disables_the_bars(monkeypatch):
     monkeypatch.setenv(console.QUIET_ENV, "1")
     assert console.progress(range(2), "x").disable
+    assert console.progress(None, "train", total=3, disable=None).disable   # how the fit's bar asks
 
 
 def test_cli_quiet_flag(capsys):
