@@ -63,6 +63,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -389,7 +390,11 @@ class ShardedPrototypeHead(nn.Module):
         self._pending_ema: list[tuple[Tensor, Tensor]] = []
         # a strided slice is a view (numpy, memmap, tensor): exactly one copy of this rank's rows is made
         block = centroids[self.rank::self.world_size]
-        block = block.detach() if isinstance(block, Tensor) else torch.from_numpy(np.asarray(block, dtype=np.float32))
+        if not isinstance(block, Tensor):
+            with warnings.catch_warnings():   # a read-only memmap: never written, copied just below
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                block = torch.from_numpy(np.asarray(block, dtype=np.float32))
+        block = block.detach()
         # plain tensors, not Parameters / buffers: DDP must neither average nor broadcast them
         self.rows = block.to(device=device or block.device, dtype=row_dtype, copy=True).contiguous()
         self.momentum = torch.zeros_like(self.rows, dtype=momentum_dtype)
