@@ -26,12 +26,12 @@ DEFAULT_MAX_DEPTH = 8
 
 def separator(value) -> str:
     """The configured separator, checked: a non-empty string. YAML reads a bare `>` or `|` as an
-    (empty) block scalar, so an empty value gets a hint to quote it."""
+    (empty) block scalar (in params.yaml; `--set` keeps it), so an empty value gets a hint to quote it."""
     if value is None:
         return DEFAULT_SEPARATOR
     if not isinstance(value, str) or not value.strip():
         raise CatalogError(f"dataset.category_separator must be a non-empty string, got {value!r} "
-                           "(in YAML and --set, quote '>' and '|': --set \"dataset.category_separator='>'\")")
+                           "(in params.yaml, quote '>' and '|': category_separator: '>')")
     return unicodedata.normalize("NFKC", value.strip())
 
 
