@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from data.images import normalize_file, quarantined
 from data.schema import (IMAGE_COLUMNS, ITEM_COLUMNS, ITEM_QUARANTINE_COLUMNS, QUARANTINE_COLUMNS,
-                         SPLITS, STATUS_OK, Catalog, CatalogError, coerce)
+                         SPLITS, STATUS_OK, Catalog, CatalogError, coerce, reason_class)
 from data.sources import ROW, Source
 from data.taxonomy import DEFAULT_MAX_DEPTH, normalize_text, path_problem
 from pailitao.config import fingerprint
@@ -59,10 +59,6 @@ ITEM_REASON_RULES = {MISSING_ID: "unique_item_id", DUPLICATE_ID: "unique_item_id
                      MISSING_TITLE: "titles_non_empty", EMPTY_CATEGORY: "category_format",
                      BAD_CATEGORY: "category_format", UNKNOWN_SPLIT: "items_schema"}
 DEFAULT_TITLE_MAX_CHARS = 500
-
-
-def reason_class(reason: str) -> str:
-    return str(reason).split(" (", 1)[0]
 
 
 def _text(value, clean) -> str | None:

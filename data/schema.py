@@ -73,6 +73,11 @@ class Catalog:
         return self.images[self.images["status"] == STATUS_OK]
 
 
+def reason_class(reason) -> str:
+    """A quarantine reason's class: the stable prefix before any " (detail)"."""
+    return str(reason).split(" (", 1)[0]
+
+
 def coerce(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     """Give the known columns their dtypes (missing ones become null); extra columns are kept."""
     df = df.copy()

@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from data.schema import CATALOG_VIEW, IMAGE_COLUMNS, ITEM_COLUMNS, SPLITS, STATUS_OK, \
-    STATUS_QUARANTINED
+    STATUS_QUARANTINED, reason_class
 from data.taxonomy import KEY_SEPARATOR
 
 CHECK_NAMES: tuple[str, ...] = (
@@ -402,10 +402,9 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict,
                                                 mostly=1.0 - cfg.item_quarantine_max_share))
     pre["items_quarantine"] = {
         "kept": len(items), "quarantined": len(iq),
-        "reason_counts": {str(k): int(v) for k, v in
-                          iq_reasons.str.split(" (", n=1, regex=False).str[0].value_counts().items()},
-        "rules": ({str(k): str(v) for k, v in zip(iq_reasons.str.split(" (", n=1, regex=False).str[0],
-                                                   iq["rule"])} if "rule" in iq.columns else {}),
+        "reason_counts": {str(k): int(v) for k, v in iq_reasons.map(reason_class).value_counts().items()},
+        "rules": ({str(k): str(v) for k, v in zip(iq_reasons.map(reason_class), iq["rule"])}
+                  if "rule" in iq.columns else {}),
         "examples": [{c: _jsonable(r.get(c)) for c in ("item_id", "row", "reason") if c in r}
                      for r in iq.head(MAX_EXAMPLES).to_dict("records")],
         "titles_truncated": int((meta or {}).get("titles_truncated", 0) or 0),

@@ -17,7 +17,7 @@ from PIL import Image
 
 from data.ingest import build_catalog
 from data.queries import build_query_sets, image_queries
-from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError
+from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError, reason_class
 from data.sources import load_source
 from data.splits import assign_splits
 from data.validation import CheckOutcome, failed_errors, validate_catalog
@@ -62,7 +62,7 @@ def quarantine_summary(catalog: Catalog) -> str:
     q = catalog.quarantine
     if q.empty:
         return "No image quarantined."
-    reasons = q["reason"].str.split(" (", n=1, regex=False).str[0].value_counts()
+    reasons = q["reason"].map(reason_class).value_counts()
     head = f"{len(q)} of {len(catalog.images)} images quarantined ({len(q) / len(catalog.images):.2%}).\n\n"
     return (head + reasons.rename_axis("reason").reset_index().to_markdown(index=False)
             + "\n\nExamples:\n\n" + _md_table(q[["item_id", "reason"]], 10))
@@ -77,7 +77,7 @@ def item_quarantine_summary(catalog: Catalog) -> str:
             if truncated else "")
     if q is None or q.empty:
         return "No item row quarantined." + tail
-    reasons = (q.assign(reason=q["reason"].str.split(" (", n=1, regex=False).str[0])
+    reasons = (q.assign(reason=q["reason"].map(reason_class))
                .groupby(["reason", "rule"]).size().rename("rows").sort_values(ascending=False))
     head = f"{len(q)} of {rows} item rows quarantined ({len(q) / max(rows, 1):.2%}).\n\n"
     return (head + reasons.reset_index().to_markdown(index=False)
