@@ -29,7 +29,7 @@ def features(first_stage: np.ndarray, extra: dict) -> dict[str, np.ndarray]:
     """Per candidate of one query (by retrieval position): the named fusion inputs. `extra` is a
     Ranked.extra (r_raw; s_minus_null for listwise)."""
     fs = np.asarray(first_stage, np.float64)
-    out = {"first_stage": fs, "first_stage_gap": fs - fs.max(initial=0.0) if len(fs) else fs,
+    out = {"first_stage": fs, "first_stage_gap": fs - fs.max() if len(fs) else fs,
            "rerank_logit": logit(extra["r_raw"])}
     if "s_minus_null" in extra:
         out["s_minus_null"] = np.asarray(extra["s_minus_null"], np.float64)

@@ -148,3 +148,8 @@ def test_rerank_gate_serves_a_reranker_that_beats_retrieval_and_refuses_one_that
     cfg = {"metric": "I-HR@1", "latency_stat": "p95", "rerank_latency_budget_ms": 100.0}
     decision = promotion.decide(comp, lat, lat, cfg, model="reranker_model", budget_key="rerank_latency_budget_ms")
     assert decision.promoted == informative, decision.reasons
+
+
+def test_fusion_gap_is_to_the_querys_best_score_whatever_its_sign():
+    f = features(np.array([-0.2, -0.5]), {"r_raw": np.array([0.5, 0.5])})
+    assert f["first_stage_gap"].tolist() == pytest.approx([0.0, -0.3])

@@ -99,9 +99,7 @@ def training_chunks(cands: pd.DataFrame, m: int, instance_share: float, seed: in
         want_instance = rng.random() < instance_share
         keep = inst.head(1) if len(inst) and want_instance else inst.iloc[:0]
         if want_instance and not len(inst) and pos is not None and qid in pos.index:
-            row = pos.loc[[qid]].head(1)
-            keep = pd.DataFrame({"query_id": qid, "rank": row["rank"].to_numpy(), "item_id": row["item_id"].to_numpy(),
-                                 "image_id": row["image_id"].to_numpy(), "level": 0})
+            keep = pos.loc[[qid]].head(1).reset_index()   # the nearest near miss (a level-0 row)
         rest = g[g["level"] != 0]
         k = min(m - len(keep), len(rest))
         w = 1.0 / rest["level"].map(freq).to_numpy()
