@@ -79,3 +79,10 @@ def path_problem(key, max_depth: int = DEFAULT_MAX_DEPTH) -> str | None:
     if len(levels) > max_depth:
         return f"malformed category path ({len(levels)} levels > {max_depth})"
     return None
+
+
+def display_names(items):
+    """item_id -> the category as the catalog wrote it (`category_display`; the key for sources
+    that have no other text)."""
+    col = "category_display" if "category_display" in items.columns else "category"
+    return items.set_index("item_id")[col]

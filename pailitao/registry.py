@@ -2,11 +2,14 @@
 pyfunc model whose predict() embeds rows of (image path, text), and registered under a name."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 EMBEDDER_NAMES = {"stage1_embedder": "pailitao-stage1-embedder",
                   "embedding_model": "pailitao-id-embedder",
@@ -33,15 +36,27 @@ class EmbedderModel(mlflow.pyfunc.PythonModel):
 
 def log_embedder(model_dir: Path, stage: str) -> str:
     """Log the checkpoint to the active run and register it; returns the registered version."""
+    return _log_and_register(EmbedderModel(), model_dir, EMBEDDER_NAMES[stage], [])
+
+
+def _log_and_register(python_model, model_dir: Path, name: str, requirements: list[str]) -> str:
+    """Log a pyfunc model to the active run and register it under `name`; returns the version.
+    MLflow prints its registration chatter to stderr outside logging: it becomes one log line."""
+    import contextlib
+    import io
+
     import torch
     import transformers
 
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=EmbedderModel(), artifacts={"model": str(model_dir)},
-        registered_model_name=EMBEDDER_NAMES[stage],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"transformers=={transformers.__version__}", "pillow", "pandas"])
-    return str(info.registered_model_version)
+    with contextlib.redirect_stderr(io.StringIO()):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=python_model, artifacts={"model": str(model_dir)},
+            registered_model_name=name,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
+                              f"transformers=={transformers.__version__}", "pillow", "pandas", *requirements])
+    version = str(info.registered_model_version)
+    log.info("registered %s version %s", name, version)
+    return version
 
 
 RERANKER_NAMES = {"reranker_model": "pailitao-listwise-reranker", "reranker_pointwise": "pailitao-pointwise-reranker"}
@@ -73,12 +88,4 @@ class RerankerModel(mlflow.pyfunc.PythonModel):
 
 def log_reranker(model_dir: Path, stage: str) -> str:
     """Log a reranker checkpoint to the active run and register it; returns the registered version."""
-    import torch
-    import transformers
-
-    info = mlflow.pyfunc.log_model(
-        name="model", python_model=RerankerModel(), artifacts={"model": str(model_dir)},
-        registered_model_name=RERANKER_NAMES[stage],
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}",
-                          f"transformers=={transformers.__version__}", "pillow", "pandas", "scikit-learn"])
-    return str(info.registered_model_version)
+    return _log_and_register(RerankerModel(), model_dir, RERANKER_NAMES[stage], ["scikit-learn"])

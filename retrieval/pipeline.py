@@ -230,10 +230,12 @@ class ItemTable:
     """Metadata of the indexed images (items.parquet of an item_embeddings directory): lookups
     by image id (the index's ids) and by item id, vectorised so a 1M-row table stays fast."""
 
-    COLUMNS = ("image_id", "item_id", "title", "category", "group_id", "image")
+    COLUMNS = ("image_id", "item_id", "title", "category", "category_display", "group_id", "image")
 
     def __init__(self, table: pd.DataFrame, root: Path | None = None):
         t = table.reset_index(drop=True)
+        if "category_display" not in t.columns and "category" in t.columns:   # a table from before it
+            t["category_display"] = t["category"]
         for col in self.COLUMNS:
             if col not in t.columns:
                 t[col] = None
@@ -295,13 +297,14 @@ class Candidate:
     item_id: str
     image_id: str
     title: str | None
-    category: str | None
+    category: str | None                  # the normalised category path judgments compare (data/taxonomy.py)
     group_id: str | None
     score: float                          # retrieval order: the cosine of query and item embedding, + lexical_weight x lexical in hybrid search
     lexical: float | None = None          # TF-IDF cosine of the query's words and the item's (hybrid search)
     rerank_score: float | None = None     # the reranker's ordering score (retrieval/rerank.py)
     p_instance: float | None = None       # calibrated P(same product instance) from the reranker
     image: str | None = None              # the catalog image file the reranker reads (not in responses)
+    category_display: str | None = None   # the category as the catalog wrote it, for people
 
 
 @dataclass
@@ -480,7 +483,7 @@ class Searcher:
             r = snap.items.row(int(p))
             path = snap.items.root / str(r["image"]) if snap.items.root is not None and r["image"] else None
             cands.append(Candidate(item_id, str(r["image_id"]), r["title"], r["category"], r["group_id"], float(s),
-                                   image=str(path) if path else None))
+                                   image=str(path) if path else None, category_display=r["category_display"]))
             if len(cands) == want:
                 break
         if hybrid:
@@ -511,7 +514,7 @@ class Searcher:
                 r = snap.items.item(item_id)
                 p = snap.items.image_path(r["image_ids"][0])
                 c = Candidate(item_id, r["image_ids"][0], r["title"], r["category"], r["group_id"], score,
-                              image=str(p) if p else None)
+                              image=str(p) if p else None, category_display=r["category_display"])
             c.score, c.lexical = score, lex.get(item_id)
             out.append(c)
         return out

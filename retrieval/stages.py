@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from data.schema import Catalog
+from data.taxonomy import display_names
 from evaluation.retrieval import cached_gallery, item_documents
 from pailitao.config import Paths, fingerprint
 from pailitao.io import atomic_path, read_json, write_json
@@ -39,6 +40,7 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
     catalog_rel = Path(os.path.relpath(Path(catalog.root).resolve(), out.resolve().parent))
     docs = dict(zip(*item_documents(catalog)))   # what the lexical side of hybrid search indexes
     items = g[["image_id", "item_id", "title", "category", "group_id"]].assign(
+        category_display=g["item_id"].map(display_names(catalog.items)),
         image=[str(catalog_rel / p) for p in g["path"]], document=[docs[i] for i in g["item_id"]])
     fp = catalog.meta["fingerprint"]
     meta = {"model": info.name, "model_source": info.source, "model_version": info.fingerprint,

@@ -8,10 +8,33 @@ from pailitao.cli import main
 from tests.conftest import write_manifest
 
 
-def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri):
+def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri, capsys):
+    """End to end on a catalog shaped like a Google-taxonomy export: Parquet tables, `>` between
+    levels, mixed case and spacing (compared normalised, shown as given)."""
     root = write_manifest(tmp_path / "m", n_items=24, groups={1: "g1", 2: "g1"})
+    google = {"apparel/hats": "Apparel & Accessories > Clothing Accessories > Hats",
+              "apparel/shirts": "apparel & accessories>Clothing > Shirts & Tops",
+              "kitchen/mugs": "Home & Garden > Kitchen & Dining > Tableware > Drinkware > Mugs"}
+    for stem in ("items", "images"):
+        table = pd.read_csv(root / f"{stem}.csv", keep_default_na=False)
+        if stem == "items":
+            table["category"] = table["category"].map(google)
+        table.to_parquet(root / f"{stem}.parquet", index=False)
+        (root / f"{stem}.csv").unlink()
     out = tmp_path / "out"
-    assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out)]) == 0
+    assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out),
+                 "--set", "dataset.category_separator=>"]) == 0
+    items = pd.read_parquet(out / "data/processed/validated_catalog/items.parquet").set_index("item_id")
+    assert items.loc["item001", "category"] == "apparel & accessories/clothing/shirts & tops"
+    assert items.loc["item001", "category_display"] == google["apparel/shirts"]
+    # search answers with the category as the catalog wrote it, beside the key judgments compare
+    capsys.readouterr()
+    assert main(["search", "--text", "product 1", "--k", "3", "--profile", "tiny", "--workdir", str(out),
+                 "--set", "dataset.category_separator=>"]) == 0
+    text = capsys.readouterr().out
+    hits = json.loads(text[text.index("{"):])["results"]
+    assert hits and {h["category_display"] for h in hits} <= set(google.values())
+    assert all(h["category"] == items.loc[h["item_id"], "category"] for h in hits)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets",
                                       "base_model", "stage1_embedder", "semantic_prototypes", "embedding_model",

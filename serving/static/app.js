@@ -73,7 +73,7 @@ function render(body, roundTrip) {
     title.textContent = r.title || r.item_id;
     const info = document.createElement("div");
     info.className = "info";
-    info.textContent = `#${r.rank} · ${r.category || ""} · score ${r.score.toFixed(3)}` +
+    info.textContent = `#${r.rank} · ${r.category_display || r.category || ""} · score ${r.score.toFixed(3)}` +
       (r.rerank_score == null ? "" : ` · rerank ${r.rerank_score.toFixed(3)}`) +
       (r.p_instance == null ? "" : ` · P(same product) ${(100 * r.p_instance).toFixed(0)}%`);
     li.append(img, title, info);
