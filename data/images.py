@@ -10,11 +10,10 @@ import hashlib
 import io
 import os
 import stat
-import warnings
 from pathlib import Path
 
 import imagehash
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from data.schema import STATUS_OK, STATUS_QUARANTINED
 
@@ -25,8 +24,9 @@ NOT_REGULAR, UNREADABLE = "not a regular file", "unreadable file"
 # A manifest's image path that does not name a file inside the manifest directory (data/sources.py).
 OUTSIDE, ABSOLUTE, URL = "path outside the catalog", "absolute path", "URL, not a file in the catalog"
 
-# We check sizes ourselves before decoding; Pillow's own guard stays on as a backstop.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# We check sizes ourselves (max_pixels from params) before decoding; Pillow's own guard stays on as
+# a backstop, and its warning is not silenced for the process (an image over Pillow's limit is
+# refused below anyway, with our reason).
 
 
 class BadImage(ValueError):
@@ -56,8 +56,18 @@ def open_checked(data: bytes, cfg: dict) -> Image.Image:
         raise BadImage(f"{BAD_ASPECT} ({w}x{h} > {cfg['max_aspect']}:1)")
     try:
         im.load()
+        return upright(im)
     except Exception as e:  # noqa: BLE001
         raise BadImage(f"{CORRUPT} ({type(e).__name__}: {e})") from None
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as the camera held it: a phone stores an upright photo sideways with an EXIF
+    orientation tag, which a model must not see rotated. `info["orientation"]` keeps the tag."""
+    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    if orientation not in (1, None):
+        im = ImageOps.exif_transpose(im)
+    im.info["orientation"] = orientation or 1
     return im
 
 
@@ -124,12 +134,13 @@ def normalize_file(src: str, out_dir: str, cfg: dict, reuse_dir: str | None = No
         rec["reason"] = str(e)
         return rec
     sha = hashlib.sha256(data).hexdigest()
-    rel = f"images/{sha[:2]}/{sha}_{cfg['max_side']}.png"
     rec.update(sha256=sha, bytes=len(data))
-    dst = Path(out_dir) / rel
     try:
         im = open_checked(data, cfg)
         rec.update(orig_width=im.size[0], orig_height=im.size[1])
+        # "_u": turned upright; a catalog normalized before that (reuse_dir) is not reused sideways
+        rel = f"images/{sha[:2]}/{sha}_{cfg['max_side']}{'_u' if im.info['orientation'] != 1 else ''}.png"
+        dst = Path(out_dir) / rel
         prev = Path(reuse_dir) / rel if reuse_dir else None
         dst.parent.mkdir(parents=True, exist_ok=True)
         if prev is not None and prev.is_file():
