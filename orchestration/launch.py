@@ -36,7 +36,7 @@ def execute(profile: str | None = None, dataset: str | None = None, workdir: str
               "sets": list(sets or [])}
     run_config = {"resources": {"pipeline": {"config": config},
                                 "mlflow": {"config": {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", "")}}},
-                  "loggers": {"console": {"config": {"log_level": "INFO"}}}}
+                  "loggers": {"stage_lines": {}}}   # one line per stage event (orchestration/logs.py)
     if in_process:
         return lineage().execute_in_process(instance=dagster_instance or instance(), raise_on_error=False,
                                             run_config=run_config)

@@ -26,7 +26,7 @@ from retrieval.pipeline import model_fingerprint
 from training.backbone import MLLMEmbedder
 from training.finetune import merge_adapters, prepare_for_training
 from training.data import PairDataset, TrainItems
-from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader
+from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader, run_id_file
 from training.prototypes import curate, prototype_labels
 from training.sharded_head import ShardedPrototypeHead
 from training.vlm import use_feature_cache
@@ -116,7 +116,8 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
     dataset = PairDataset(items, labels, params)
     module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset, lr=lr)
     work = _work_dir(paths, stage, params, catalog)
-    with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id) as run:
+    # a training resumed from the work dir's checkpoint continues the MLflow run the kill interrupted
+    with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
         callbacks = [HardNegativeMiner(params["train"]["hard_refresh_steps"], params["train"]["hard_negatives"])] \
             if mode == CONTRASTIVE else []

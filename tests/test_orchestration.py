@@ -1,12 +1,15 @@
 """The Dagster Definitions: the lineage job materializes on the tiny profile with each step in its
 own process (as `make demo` and the UI run it), and a failed blocking Great Expectations check stops
 everything downstream."""
+import logging
+
 import pandas as pd
 from dagster import DagsterInstance, instance_for_test
 
 from data.validation import CHECK_NAMES
 from orchestration.definitions import defs
 from orchestration.launch import decisions, execute
+from orchestration.logs import event_line, key_numbers
 from tests.conftest import write_manifest
 
 LINEAGE = ["raw_catalog", "validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder",
@@ -56,6 +59,12 @@ def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
     assert meta["raw_catalog"]["synthetic"].value == "True"
     assert meta["query_sets"]["sample_queries"].value.count("data:image/png;base64") == 1
     assert len(meta["splits"]["mlflow_run_id"].value) == 32
+    # what `make demo` prints while it runs: a few lines per stage (orchestration/logs.py)
+    shown = [line for ev in result.all_events if (line := event_line(_record(ev)))]
+    assert shown[:2] == ["stage raw_catalog started", "raw_catalog: " + key_numbers(meta["raw_catalog"])]
+    assert shown[2].startswith("stage raw_catalog done in ") and shown[2].endswith(" s")
+    assert "check duplicate_images FAILED" in "\n".join(shown) or checks["duplicate_images"].passed
+    assert len(shown) <= 3 * len(workers) + len(checks)
     lines = decisions(result).splitlines()   # what `make demo` ends with
     assert lines[0] == f"A/B report: {tmp_path / 'work/data/processed/ab_report/report.html'}"
     assert lines[1].startswith(("Champion decision: promoted to champion (I-HR@1",
@@ -64,6 +73,21 @@ def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
     for model in ("embedding_model", "baseline_embedder"):
         assert "val_all_I_HR_at_1" in meta[model] and meta[model]["registered_version"].value
         assert "data:image/png;base64" in meta[model]["loss_curve"].value
+
+
+def _record(event) -> logging.LogRecord:
+    """The record Dagster hands a run's loggers for one event."""
+    rec = logging.LogRecord("dagster", logging.DEBUG, "", 0, event.message or "", (), None)
+    rec.dagster_meta = {"dagster_event": event, "step_key": event.step_key, "orig_message": event.message}
+    return rec
+
+
+def test_stage_lines_keep_an_asset_s_own_lines_and_drop_engine_debug():
+    rec = logging.LogRecord("dagster", logging.INFO, "", 0, "x", (), None)
+    rec.dagster_meta = {"dagster_event": None, "step_key": "splits", "orig_message": "wrote 3 splits"}
+    assert event_line(rec) == "wrote 3 splits"
+    rec.levelno = logging.DEBUG
+    assert event_line(rec) is None
 
 
 def test_failed_blocking_check_stops_downstream(tmp_path, mlflow_uri):

@@ -179,6 +179,22 @@ def make_loader(dataset: PairDataset, params: dict, neighbours: np.ndarray | Non
                                        num_workers=t["num_workers"])
 
 
+def last_checkpoint(work_dir: Path) -> Path | None:
+    """work_dir/ckpt/last.ckpt, left by a run killed midway: fit continues from it."""
+    last = Path(work_dir) / "ckpt" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def run_id_file(work_dir: Path) -> Path:
+    """work_dir/mlflow_run_id: the MLflow run the checkpoints beside it belong to, which a resumed
+    training continues (tracking.start_run(run_id_file=...)). Without a checkpoint the training
+    starts over at step 0, so in a new run: an id left from before is dropped."""
+    path = Path(work_dir) / "mlflow_run_id"
+    if last_checkpoint(work_dir) is None:
+        path.unlink(missing_ok=True)
+    return path
+
+
 def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps: int,
         logger=None, callbacks: list | None = None) -> L.Trainer:
     """Train for max_steps; checkpoints in work_dir/ckpt, resumed from last.ckpt when present
@@ -199,6 +215,6 @@ def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps
                         default_root_dir=str(work_dir), enable_progress_bar=False,   # one bar over max_steps
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         max_epochs=-1, use_distributed_sampler=False)
-    last = ckpt_dir / "last.ckpt"
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last.is_file() else None)
+    last = last_checkpoint(work_dir)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last else None)
     return trainer
