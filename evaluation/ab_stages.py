@@ -145,7 +145,8 @@ def embedding_promotion(params: dict, dagster_run_id: str | None = None) -> Stag
         arms[arm]["candidates"] = cands
     comp = _comparison(arms["control"], arms["treatment"], cfg)
     decision = promotion.decide(comp, arms["control"]["latency"], arms["treatment"]["latency"], params["promotion"])
-    decision = promotion.apply(decision, tracking_uri(params))
+    decision = promotion.apply(decision, tracking_uri(params),
+                               {stage: model_fingerprint(paths.asset(stage) / "model") for stage in ARMS.values()})
     out = paths.asset("embedding_promotion")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from pailitao.registry import EMBEDDER_NAMES
+from pailitao.registry import EMBEDDER_NAMES, FINGERPRINT_TAG
 
 CONTROL, TREATMENT = "baseline_embedder", "embedding_model"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -58,8 +58,13 @@ def decide(comparison: pd.DataFrame, latency_control: dict, latency_treatment: d
     return Decision(ok, model, CHAMPION if ok else CHALLENGER, reasons)
 
 
-def _latest(client, name: str) -> str | None:
+def _latest(client, name: str, fingerprint: str | None = None) -> str | None:
+    """The newest version of `name`; with a fingerprint, the newest registered from that checkpoint
+    (another catalog's run registering under the same name meanwhile is not this lineage's model).
+    Versions registered before the fingerprint tag existed match any fingerprint."""
     versions = client.search_model_versions(f"name='{name}'")
+    if fingerprint:
+        versions = [v for v in versions if v.tags.get(FINGERPRINT_TAG, fingerprint) == fingerprint]
     return str(max(int(v.version) for v in versions)) if versions else None
 
 
@@ -72,14 +77,16 @@ def _holder(client, name: str, alias: str) -> str | None:
         return None
 
 
-def apply(decision: Decision, tracking_uri: str) -> Decision:
-    """Move the registry aliases as decided (the latest registered version of each arm is the one
-    this lineage trained); fills decision.champion and decision.versions."""
+def apply(decision: Decision, tracking_uri: str, fingerprints: dict[str, str] | None = None) -> Decision:
+    """Move the registry aliases as decided, on the versions registered from this lineage's arms
+    (`fingerprints`: stage -> checkpoint fingerprint; without it, the latest of each); fills
+    decision.champion and decision.versions."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
     t_name, c_name = EMBEDDER_NAMES[TREATMENT], EMBEDDER_NAMES[CONTROL]
-    t_ver, c_ver = _latest(client, t_name), _latest(client, c_name)
+    fps = fingerprints or {}
+    t_ver, c_ver = _latest(client, t_name, fps.get(TREATMENT)), _latest(client, c_name, fps.get(CONTROL))
     if t_ver is None:
         raise RuntimeError(f"no registered version of {t_name}: run embedding_model first")
     if decision.promoted:

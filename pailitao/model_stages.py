@@ -132,7 +132,7 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
             write_parquet(report, tmp / "val_report.parquet")
             write_json({"fingerprint": catalog.meta["fingerprint"], "mode": mode, "steps": steps,
                         "init": str(init) if init else None}, tmp / "meta.json")
-        version = log_embedder(out / "model", stage)
+        version = log_embedder(out / "model", stage, params, catalog.meta["fingerprint"])
         shutil.rmtree(work, ignore_errors=True)   # finished: nothing to resume
         loss = trainer.callback_metrics.get("train/loss")
         res = StageResult(stage, out,

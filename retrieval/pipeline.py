@@ -75,6 +75,11 @@ class NotReady(RuntimeError):
     """No index is loaded yet (nothing published, or only indexes built by another model)."""
 
 
+class NothingToServe(FileNotFoundError):
+    """No published index, or no checkpoint (here or in the registry) that built it: a service
+    cannot start. A FileNotFoundError, so the CLI says it in one line with exit code 2."""
+
+
 # ------------------------------------------------------------------------------------------ decode
 @dataclass(frozen=True)
 class QueryLimits:
@@ -161,9 +166,25 @@ def model_fingerprint(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _download(params: dict, name: str, version: str) -> Path:
+    """The checkpoint directory of models:/name/version, downloaded once into data/processed/.registry/."""
+    import mlflow
+
+    from pailitao.io import atomic_path
+    from pailitao.tracking import tracking_uri
+
+    dest = Paths.from_params(params).processed / ".registry" / f"{name}-v{version}"
+    if not (dest / "artifacts" / "model").is_dir():
+        mlflow.set_tracking_uri(tracking_uri(params))
+        with atomic_path(dest) as tmp:
+            tmp.mkdir(parents=True)
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
+    return dest / "artifacts" / "model"
+
+
 def _registry_dir(params: dict, model: str, alias: str | None) -> tuple[Path, str] | None:
-    """(checkpoint dir, models:/ uri) of <registered name of model>@alias, downloaded once into
-    data/processed/.registry/; None when there is no such registered model or alias."""
+    """(checkpoint dir, models:/ uri) of <registered name of model>@alias; None when there is no
+    such registered model or alias."""
     from pailitao.registry import EMBEDDER_NAMES
 
     name = EMBEDDER_NAMES.get(model)
@@ -172,29 +193,22 @@ def _registry_dir(params: dict, model: str, alias: str | None) -> tuple[Path, st
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pailitao.io import atomic_path
     from pailitao.tracking import tracking_uri
 
-    uri = tracking_uri(params)
     try:
-        version = mlflow.MlflowClient(uri).get_model_version_by_alias(name, alias).version
+        version = mlflow.MlflowClient(tracking_uri(params)).get_model_version_by_alias(name, alias).version
     except MlflowException:
         return None   # no such registered model or alias: serve the lineage's checkpoint
-    dest = Paths.from_params(params).processed / ".registry" / f"{name}-v{version}"
-    if not (dest / "artifacts" / "model").is_dir():
-        mlflow.set_tracking_uri(uri)
-        with atomic_path(dest) as tmp:
-            tmp.mkdir(parents=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-    return dest / "artifacts" / "model", f"models:/{name}@{alias} (version {version})"
+    return _download(params, name, str(version)), f"models:/{name}@{alias} (version {version})"
 
 
 def resolve_model(params: dict, model: str | None = None) -> ModelInfo:
     """The embedder to serve: `model` (default params serving.model) is `champion` (the registered
     embedder holding that alias, else serving.fallback_model), a lineage stage name or a local
     checkpoint directory. For a stage, the registered model's `serving.registry_alias`
-    (champion) wins when it exists, else data/processed/<stage>/model. item_embeddings and the
-    server both resolve through here, so the index is built by the model that embeds queries."""
+    (champion) wins when it exists, else data/processed/<stage>/model. item_embeddings resolves
+    through here, so the index is built by the model that embeds queries; a service serves an
+    index through pair_with_index, as the champion may since have moved to another run's model."""
     model = model or params["serving"]["model"]
     if model == CHAMPION:   # whichever embedder the promotion gate made champion (evaluation/promotion.py)
         for stage in PROMOTABLE:
@@ -217,6 +231,74 @@ def resolve_model(params: dict, model: str | None = None) -> ModelInfo:
                                 f"(run `pailitao {model}` first)" if model in LINEAGE_MODELS else
                                 f"model directory {path} not found")
     return ModelInfo(model, str(source), str(path), model_fingerprint(path))
+
+
+def model_by_fingerprint(params: dict, fp: str) -> ModelInfo | None:
+    """The checkpoint whose fingerprint is `fp` (what an index records as its model_version): a
+    lineage stage's own, else the newest registered embedder version tagged with it; None if none."""
+    paths = Paths.from_params(params)
+    for stage in LINEAGE_MODELS:
+        path = paths.asset(stage) / "model"
+        if path.is_dir() and model_fingerprint(path) == fp:
+            return ModelInfo(stage, str(path), str(path), fp)
+    if not fp.isalnum():   # it goes into a registry filter; an index from before fingerprints has ""
+        return None
+    import mlflow
+
+    from pailitao.registry import EMBEDDER_NAMES, FINGERPRINT_TAG
+    from pailitao.tracking import tracking_uri
+
+    stages = {name: stage for stage, name in EMBEDDER_NAMES.items()}
+    tagged = [v for v in mlflow.MlflowClient(tracking_uri(params)).search_model_versions(
+        f"tags.`{FINGERPRINT_TAG}` = '{fp}'") if v.name in stages]
+    if not tagged:
+        return None
+    v = max(tagged, key=lambda v: int(v.version))
+    path = _download(params, v.name, str(v.version))
+    return ModelInfo(stages[v.name], f"models:/{v.name}/{v.version}", str(path), model_fingerprint(path))
+
+
+def published_meta(index_dir: str | Path) -> dict:
+    """meta.json of the index version CURRENT names; FileNotFoundError when nothing is published."""
+    from pailitao.io import read_json
+    from retrieval.index import current_version
+
+    return read_json(Path(index_dir) / "versions" / current_version(index_dir) / "meta.json")
+
+
+def pair_with_index(params: dict, model: str | None, index_dir: str | Path) -> tuple[ModelInfo, int]:
+    """(embedder, dim) that serve the published index in index_dir: the index's dim, and the model
+    `model` resolves to only when it built the index, else the checkpoint that did (a lineage
+    stage's, or the registered version tagged with its fingerprint): the registry's champion may
+    come from a run on another catalog or profile, and an index is only searchable by its own model.
+    NothingToServe (one line, naming the command that fixes it) when there is no such pair."""
+    paths, profile = Paths.from_params(params), params.get("profile") or "demo"
+    lineage = Path(index_dir) == paths.asset("ann_index")
+    try:
+        meta = published_meta(index_dir)
+    except (FileNotFoundError, ValueError) as e:
+        make = (f"`pailitao run --profile {profile} --out {paths.workdir}`" if lineage else
+                f"`pailitao ab build --profile {profile} --workdir {paths.workdir}`")
+        raise NothingToServe(f"nothing to serve: {e}; make one with {make}") from None
+    dim, built_by = int(meta["dim"]), meta.get("model_version") or ""
+    try:
+        info, why = resolve_model(params, model), ""
+    except FileNotFoundError as e:
+        info, why = None, str(e)   # no checkpoint of its own: the one that built the index may be found
+    if info is not None and (info.fingerprint == built_by or not params["serving"]["require_model_match"]):
+        return info, dim
+    found = model_by_fingerprint(params, built_by)
+    if found is None:
+        opts = f"--profile {profile} --workdir {paths.workdir}"
+        fix = (f"`pailitao item_embeddings {opts}` then `pailitao ann_index {opts}`" if lineage else
+               f"`pailitao ab build --force {opts}`")
+        raise NothingToServe(f"nothing to serve: the index in {index_dir} (version {meta['version']}) was built by "
+                             f"model {built_by or '?'}, which no checkpoint here or in the registry is "
+                             f"({why or f'{info.source} is {info.fingerprint}'}); rebuild it for the served "
+                             f"model: {fix}")
+    log.warning("%s did not build the index in %s; serving %s, which did", info.source if info else model,
+                index_dir, found.source)
+    return found, dim
 
 
 def load_embedder(info: ModelInfo):
@@ -532,16 +614,24 @@ def variant_dirs(params: dict, model: str, variant: str | None = None) -> tuple[
 
 def build_searcher(params: dict, model: str | None = None, embeddings_dir: str | Path | None = None,
                    index_dir: str | Path | None = None, reranker: Reranker | None = None,
-                   embedder=None, info: ModelInfo | None = None) -> Searcher:
-    """A Searcher from params (serving.*), loaded with the current index when one is published."""
+                   embedder=None, info: ModelInfo | None = None, dim: int | None = None) -> Searcher:
+    """A Searcher from params (serving.*), loaded with the current index. Without `info`, the model
+    and dim are those the index was built with (pair_with_index); with it, dim defaults to the
+    published index's (else model.served_dim)."""
     s = params["serving"]
-    info = info or resolve_model(params, model)
-    default_emb, default_index = variant_dirs(params, info.name)
+    default_emb, default_index = variant_dirs(params, model or s["model"])   # the lineage's
+    index_dir = index_dir or default_index
+    if info is None:
+        info, dim = pair_with_index(params, model, index_dir)
+    elif dim is None:
+        try:
+            dim = published_meta(index_dir)["dim"]
+        except (FileNotFoundError, ValueError):
+            dim = params["model"]["served_dim"]   # nothing published yet: refresh() picks it up later
     if reranker is None:
         from retrieval.rerank_stages import build_reranker
         reranker = build_reranker(params)
-    searcher = Searcher(embedder or load_embedder(info), info, index_dir or default_index,
-                        embeddings_dir or default_emb, params["model"]["served_dim"],
+    searcher = Searcher(embedder or load_embedder(info), info, index_dir, embeddings_dir or default_emb, dim,
                         QueryLimits.from_params(params), reranker, s["candidates"],
                         s["require_model_match"], params["ann_index"].get("use_gpu", "auto"),
                         HybridConfig.from_params(params))

@@ -302,7 +302,7 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
             rep.to_parquet(tmp / "val_report.parquet", index=False)
             write_json({"mode": mode, "dataset": ds_meta, "steps": cfg["steps"], "calibration": cal_report,
                         "thresholds": thresholds}, tmp / "meta.json")
-        version = log_reranker(out / "model", stage) if register else "not registered"
+        version = log_reranker(out / "model", stage, params, ds_meta["fingerprint"]) if register else "not registered"
         shutil.rmtree(work, ignore_errors=True)
         _log_reliability(raw, cal(raw), positive)
         all_row = rep.set_index("group").loc["all"]

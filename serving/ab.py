@@ -115,22 +115,32 @@ class EventLog:
 
     def click(self, request_id: str, item_id: str) -> dict:
         """Log a click on item_id of an earlier impression; its variant, unit and position come from
-        the impression (never from the client)."""
+        the impression (never from the client). A repeat of a logged click (a double click, a
+        client retry) is not written again and says duplicate=True."""
         with self._lock:
             row = self._db.execute("SELECT query_id, unit_id, variant, position FROM impressions "
                                    "WHERE request_id = ? AND item_id = ?", (request_id, item_id)).fetchone()
             if row is None:
                 raise UnknownImpression(f"request {request_id!r} showed no item {item_id!r}")
             query_id, unit_id, variant, position = row
-            self._db.execute("INSERT INTO clicks VALUES (?,?,?,?,?,?,?)",
-                             (time.time(), request_id, query_id, unit_id, variant, position, item_id))
-        return {"request_id": request_id, "item_id": item_id, "variant": variant, "position": position}
+            duplicate = self._db.execute("SELECT 1 FROM clicks WHERE request_id = ? AND item_id = ?",
+                                         (request_id, item_id)).fetchone() is not None
+            if not duplicate:
+                self._db.execute("INSERT INTO clicks VALUES (?,?,?,?,?,?,?)",
+                                 (time.time(), request_id, query_id, unit_id, variant, position, item_id))
+        out = {"request_id": request_id, "item_id": item_id, "variant": variant, "position": position}
+        return {**out, "duplicate": True} if duplicate else out
 
     def read(self, table: str) -> pd.DataFrame:
+        """A table for analysis; clicks once per (request_id, item_id), the first, however often a
+        log written by older or several servers repeats one."""
         if table not in ("impressions", "clicks"):
             raise ValueError(table)
         with self._lock:
-            return pd.read_sql_query(f"SELECT * FROM {table}", self._db)
+            df = pd.read_sql_query(f"SELECT * FROM {table}", self._db)
+        if table == "clicks":
+            df = df.drop_duplicates(["request_id", "item_id"]).reset_index(drop=True)   # rowid order: the first
+        return df
 
     def close(self) -> None:
         with self._lock:

@@ -2,11 +2,14 @@
 
     POST /search       multipart: image (file) and/or text; optional k, query_id, user_id / session_id
                        (or X-User-Id / X-Session-Id headers: the A/B unit)
-    POST /click        JSON {request_id, item_id}: a click on a shown result (event log)
+    POST /click        JSON {request_id, item_id}: a click on a shown result (event log); a repeat is
+                       answered duplicate=true and not logged twice
     GET  /items/{id}   an item's metadata and image ids
-    GET  /images/{id}  a thumbnail (JPEG) of an image id, or of an item id's first image; cached
+    GET  /images/{id}  a thumbnail (JPEG) of an image id, or of an item id's first image; cached;
+                       optional size in 1..serving.thumbnail_max_size
     GET  /healthz      200 when every variant serves an index, else 503
-    GET  /metrics      Prometheus text: latency histograms per stage, request counts by status
+    GET  /metrics      Prometheus text: latency histograms per stage, request counts by status, errors by
+                       route + status + code, client disconnects
     GET  /             the search page (serving/static)
 
 Every search runs on a bounded thread pool (serving.concurrency) with a bounded queue
@@ -14,6 +17,11 @@ Every search runs on a bounded thread pool (serving.concurrency) with a bounded 
 runs past serving.timeout_s gets 503 too, so the server never hangs. A background thread polls each
 variant's index directory and swaps a newly published version in (Searcher.refresh), off the
 request path; searches in flight finish on the version they started with.
+
+Every request gets an id (X-Request-Id; /search's request_id) and every error status one JSON shape,
+{"error": {"status", "code", "message", "request_id"}}. A request body must arrive within
+serving.body_read_timeout_s (else 408, connection closed) and at most serving.max_concurrent_uploads
+bodies are read at once (else 503 + Retry-After), so slow or stalled uploads cannot pin the server.
 """
 from __future__ import annotations
 
@@ -22,20 +30,25 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import logging
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from pailitao.config import Paths
 from retrieval.pipeline import (RERANK_PARTS, NotReady, QueryError, Searcher, TooLarge, UnknownItem, build_searcher,
@@ -46,6 +59,19 @@ log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
 FORM_SLACK = 256 * 1024   # multipart overhead + text fields on top of the image limit
 STAGES = ("decode", "embed", "ann", "rerank", "total")
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+class BadParameter(QueryError):
+    status, code = 422, "invalid_parameter"
+
+
+class UnsupportedMedia(QueryError):
+    status, code = 415, "unsupported_media_type"
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive within serving.body_read_timeout_s."""
 
 
 class Overloaded(RuntimeError):
@@ -104,24 +130,122 @@ class Metrics:
         self.in_flight = Gauge("pailitao_searches_admitted", "searches running or queued", registry=r)
         self.reloads = Counter("pailitao_index_reloads_total", "index versions swapped in", ["variant"], registry=r)
         self.index_items = Gauge("pailitao_index_vectors", "vectors in the served index", ["variant"], registry=r)
+        self.errors = Counter("pailitao_errors_total", "4xx/5xx answers by route template, status and error code",
+                              ["endpoint", "status", "code"], registry=r)
+        self.disconnects = Counter("pailitao_client_disconnects_total", "clients that hung up before the answer",
+                                   ["endpoint"], registry=r)
 
 
-def _error(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "code": code, "message": message}}, status, headers=headers)
+def _error(request: Request | dict, status: int, code: str, message: str,
+           headers: dict | None = None, extra: dict | None = None) -> JSONResponse:
+    """The one error body (next to any `extra` keys); `request` (or its ASGI scope) gives the
+    request id the Guard assigned, and keeps the code for the error metric."""
+    state = (request.scope if isinstance(request, Request) else request).setdefault("state", {})
+    state["error_code"] = code
+    rid = state.get("request_id", "")
+    error = {"status": status, "code": code, "message": message, "request_id": rid}
+    return JSONResponse({**(extra or {}), "error": error}, status, headers={**(headers or {}), "X-Request-Id": rid})
+
+
+class Guard:
+    """Pure ASGI middleware around the whole app (a BaseHTTPMiddleware would let unhandled
+    exceptions and hang-ups escape uncounted): assigns the request id, counts every answer per
+    route template, bounds how long and how many request bodies are read, turns an unhandled
+    exception into one logged traceback + a 500 in the error shape, and a client that hangs up
+    into one warning line."""
+
+    def __init__(self, app, metrics: Metrics, body_timeout: float, max_uploads: int):
+        self.app, self.metrics = app, metrics
+        self.body_timeout, self.max_uploads = float(body_timeout), max(1, int(max_uploads))
+        self.uploads = 0   # bodies being read now; one event loop, so no lock
+
+    def endpoint(self, scope: dict, before: dict) -> str:
+        """The route template (FastAPI sets scope["route"]); else match the scope as it arrived
+        (mounts and requests refused before routing)."""
+        route = scope.get("route") or next(
+            (r for r in scope["app"].router.routes if r.matches(before)[0] == Match.FULL), None)
+        return getattr(route, "path", "unmatched")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        before, t0 = dict(scope), time.monotonic()
+        rid = scope.setdefault("state", {})["request_id"] = uuid.uuid4().hex
+        status = None
+        headers = Headers(scope=scope)
+        reading = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
+
+        async def send_(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).setdefault("x-request-id", rid)
+            await send(message)
+
+        async def receive_():
+            nonlocal reading
+            if not reading:   # body done (later receives only wait for a disconnect): no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), t0 + self.body_timeout - time.monotonic())
+            except asyncio.TimeoutError:
+                raise BodyTimeout from None
+            if not message.get("more_body"):
+                reading = False
+                self.uploads -= 1
+            return message
+
+        async def answer(*args, **kw):
+            await _error(scope, *args, **kw)(scope, receive, send_)
+
+        if reading and self.uploads >= self.max_uploads:
+            await answer(503, "too_many_uploads", f"{self.max_uploads} uploads are being read already; retry",
+                         {"Retry-After": "1", "Connection": "close"})   # its body stays unread: close
+        else:
+            self.uploads += reading
+            try:
+                await self.app(scope, receive_, send_)
+            except BodyTimeout:
+                if status is None:
+                    await answer(408, "body_timeout", f"the request body did not arrive within "
+                                 f"{self.body_timeout:g} s", {"Connection": "close"})
+            except ClientDisconnect:   # the client hung up: nothing to answer, nothing broken here
+                log.warning("client %s hung up during %s %s after %.1f s (request %s)", (scope.get("client") or
+                            ("?",))[0], scope["method"], scope["path"], time.monotonic() - t0, rid)
+                self.metrics.disconnects.labels(self.endpoint(scope, before)).inc()
+                return
+            except Exception:
+                if status is not None:   # too late for an error answer: uvicorn logs it and drops the connection
+                    raise
+                log.exception("request %s: %s %s failed", rid, scope["method"], scope["path"])
+                await answer(500, "internal_error", f"internal error; quote request id {rid} when reporting it")
+            finally:
+                if reading:
+                    self.uploads -= 1
+        endpoint = self.endpoint(scope, before)
+        if status is not None:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            if status >= 400:
+                self.metrics.errors.labels(endpoint, str(status), scope["state"].get("error_code", "unknown")).inc()
+        self.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
 
 
 def build_searchers(params: dict, variants: list[Variant] | None = None) -> dict[str, Searcher]:
-    """One Searcher per variant, each with its own index directory; variants serving the same
-    checkpoint share one loaded embedder."""
+    """One Searcher per variant over its own published index, with the model and dim that index was
+    built with (pair_with_index: the registry's champion may be another run's model, at another
+    dim); variants serving the same checkpoint share one loaded embedder. NothingToServe when a
+    variant has no index or no checkpoint that built it."""
+    from retrieval.pipeline import pair_with_index
+
     variants = variants or variants_from_params(params)
     embedders, out = {}, {}
     for v in variants:
-        info = resolve_model(params, v.model)
+        emb_dir, index_dir = variant_dirs(params, v.model, None if v.name == "default" else v.name)
+        info, dim = pair_with_index(params, v.model, index_dir)
         if info.fingerprint not in embedders:
             embedders[info.fingerprint] = load_embedder(info)
-        emb_dir, index_dir = variant_dirs(params, v.model, None if v.name == "default" else v.name)
         out[v.name] = build_searcher(params, v.model, emb_dir, index_dir, embedder=embedders[info.fingerprint],
-                                     info=info)
+                                     info=info, dim=dim)
     return out
 
 
@@ -133,8 +257,22 @@ def _thumbnail(path: str, size: int) -> bytes:
     return buf.getvalue()
 
 
+def _int_param(name: str, raw: str, lo: int, hi: int) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise BadParameter(f"{name} must be an integer in {lo}..{hi}, got {raw!r}")
+    return value
+
+
 async def _read_form(request: Request, limit: int):
     """The multipart form, refusing bodies over `limit` bytes before or while reading them."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype not in FORM_TYPES:   # e.g. JSON would otherwise parse as an empty form (422)
+        raise UnsupportedMedia(f"POST /search takes multipart/form-data (or application/x-www-form-urlencoded) "
+                               f"with fields image (a file) and/or text; got {ctype}")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         raise TooLarge(f"request body is {length} bytes; the limit is {limit}")
@@ -170,6 +308,7 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
     if event_log is None and params["ab"].get("event_log"):
         event_log = EventLog(Paths.from_params(params).workdir / params["ab"]["event_log"])
     salt, top_k, max_k = str(params["ab"]["salt"]), int(s["top_k"]), int(s["max_k"])
+    max_thumb = int(s["thumbnail_max_size"])
     body_limit = max(x.limits.max_bytes for x in searchers.values()) + FORM_SLACK
     gate = Gate(s["concurrency"], s["queue"], s["timeout_s"])
     metrics = Metrics()
@@ -207,34 +346,32 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
     app.state.searchers, app.state.gate, app.state.metrics, app.state.event_log = searchers, gate, metrics, event_log
     app.state.refresh_all = refresh_all
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = getattr(route, "path", "unmatched")
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
-        return response
+    app.add_middleware(Guard, metrics=metrics, body_timeout=s["body_read_timeout_s"],
+                       max_uploads=s["max_concurrent_uploads"])
 
     @app.exception_handler(QueryError)
     async def query_error(request: Request, e: QueryError):
-        return _error(e.status, e.code, str(e))
+        return _error(request, e.status, e.code, str(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError):   # FastAPI's own 422s, in our shape
+        where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+        return _error(request, 422, "invalid_parameter", where)
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, e: NotReady):
-        return _error(503, "not_ready", str(e), {"Retry-After": "5"})
+        return _error(request, 503, "not_ready", str(e), {"Retry-After": "5"})
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, e: Overloaded):
         metrics.rejected.labels(e.reason).inc()
         msg = "too many searches at once" if e.reason == "overloaded" else \
             f"the search did not finish within {gate.timeout:g} s"
-        return _error(503, e.reason, msg, {"Retry-After": "1"})
+        return _error(request, 503, e.reason, msg, {"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        return _error(e.status_code, "http_error", str(e.detail))
+    async def http_error(request: Request, e: StarletteHTTPException):   # 404 no route, 405, ...
+        return _error(request, e.status_code, HTTPStatus(e.status_code).name.lower(), str(e.detail), e.headers)
 
     def any_searcher() -> Searcher:
         ready = [x for x in searchers.values() if x.ready]
@@ -259,7 +396,7 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
 
     @app.post("/search")
     async def search(request: Request):
-        request_id = uuid.uuid4().hex
+        request_id = request.state.request_id   # the Guard's: errors and the impression log share it
         form = await _read_form(request, body_limit)
         upload = form.get("image") or None   # an empty file input arrives as "" (no filename)
         if upload is not None and not isinstance(upload, UploadFile):
@@ -283,25 +420,26 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
 
     @app.post("/click")
     async def click(request: Request):
+        raw = await request.body()   # a hang-up or a body timeout propagates to the Guard
         try:
-            body = await request.json()
+            body = json.loads(raw)
             request_id, item_id = str(body["request_id"]), str(body["item_id"])
-        except Exception:  # noqa: BLE001
+        except (ValueError, KeyError, TypeError):
             raise QueryError('send JSON {"request_id": ..., "item_id": ...}') from None
         if event_log is None:
-            return _error(404, "unknown_impression", "the event log is off (ab.event_log)")
+            return _error(request, 404, "unknown_impression", "the event log is off (ab.event_log)")
         try:
-            return await asyncio.to_thread(event_log.click, request_id, item_id)
+            return {"duplicate": False, **await asyncio.to_thread(event_log.click, request_id, item_id)}
         except UnknownImpression as e:
-            return _error(404, "unknown_impression", str(e))
+            return _error(request, 404, "unknown_impression", str(e))
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str):
         return any_searcher().item(item_id)
 
     @app.get("/images/{image_id:path}")
-    def image(image_id: str, size: int | None = None):
-        size = min(int(size or s["thumbnail_size"]), 1024)
+    def image(image_id: str, size: str | None = None):
+        size = _int_param("size", size, 1, max_thumb) if size is not None else int(s["thumbnail_size"])
         path = any_searcher().image_path(image_id)
         if path is None or not path.is_file():
             raise UnknownItem(f"no image for {image_id!r}")
@@ -310,12 +448,13 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
                         headers={"Cache-Control": "public, max-age=86400", "ETag": f'"{etag}"'})
 
     @app.get("/healthz")
-    def healthz():
+    def healthz(request: Request):
         status = {name: x.status() for name, x in searchers.items()}
         ok = all(v["ready"] for v in status.values())
         body = {"status": "ok" if ok else "not_ready", "variants": status, "ab": len(variants) > 1,
                 "admitted": gate.admitted, "event_log": str(event_log.path) if event_log else None}
-        return JSONResponse(body, 200 if ok else 503)
+        return JSONResponse(body) if ok else \
+            _error(request, 503, "not_ready", "not every variant serves an index (see variants)", extra=body)
 
     @app.get("/metrics")
     def prometheus():
@@ -332,7 +471,9 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
 def serve(params: dict, host: str | None = None, port: int | None = None) -> None:
     import uvicorn
 
-    app = create_app(params)
+    app = create_app(params)   # NothingToServe (exit code 2 in the CLI) when no index can be served
+    for name, x in app.state.searchers.items():
+        log.info("variant %s: %s at dim %d over %s", name, x.model.source, x.dim, x.index_dir)
     host, port = host or params["serving"]["host"], int(port or params["serving"]["port"])
     log.info("search page: http://%s:%d/", host, port)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

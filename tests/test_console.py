@@ -73,9 +73,10 @@ def test_registering_a_model_is_one_log_line_not_mlflow_prints(tmp_path, make_pa
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     console.setup()
     capsys.readouterr()
+    params = make_params()
     for _ in range(2):   # the second registration is the one MLflow prints "already exists" for
-        with start_run("stage1_embedder", make_params(), log_params=False):
-            version = log_embedder(tmp_path / "ckpt", "stage1_embedder")
+        with start_run("stage1_embedder", params, log_params=False):
+            version = log_embedder(tmp_path / "ckpt", "stage1_embedder", params, "catalog-fp")
     lines = capsys.readouterr().err.splitlines()
     assert version == "2" and lines and all(re.match(r"\d\d:\d\d:\d\d INFO ", line) for line in lines), lines
     assert lines[-1].endswith(f"registered {EMBEDDER_NAMES['stage1_embedder']} version 2")

@@ -83,6 +83,17 @@ def test_apply_moves_the_aliases(registry, mlflow_uri):
     assert again.champion == promotion.TREATMENT and _holder(registry, promotion.CONTROL) is None
 
 
+def test_apply_aliases_this_lineage_s_versions_not_another_run_s(registry, mlflow_uri, tmp_path):
+    from pailitao.registry import FINGERPRINT_TAG
+
+    name = EMBEDDER_NAMES[promotion.TREATMENT]
+    ours = registry.create_model_version(name, str(tmp_path / promotion.TREATMENT), tags={FINGERPRINT_TAG: "ours"})
+    registry.create_model_version(name, str(tmp_path / promotion.TREATMENT), tags={FINGERPRINT_TAG: "theirs"})
+    won = promotion.apply(_gate(0.25), mlflow_uri, {promotion.TREATMENT: "ours"})   # v3 is another run's
+    assert won.versions[promotion.TREATMENT] == str(ours.version) == "2"
+    assert _holder(registry, promotion.TREATMENT) == "2"
+
+
 def test_serving_champion_resolves_through_the_aliases(tiny_lineage, monkeypatch):
     """The service loads champion: after the tiny lineage's gate, `serving.model: champion` is the
     registered embedder holding the alias (a registry download, same checkpoint)."""

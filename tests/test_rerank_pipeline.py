@@ -79,8 +79,8 @@ def test_registered_reranker_pyfunc_ranks_rows(tiny_lineage, catalog_first, monk
     model = mlflow.pyfunc.load_model("models:/pailitao-listwise-reranker/latest")
     items = pd.read_parquet(Paths.from_params(tiny_lineage).asset("item_embeddings") / "items.parquet").head(5)
     root = Paths.from_params(tiny_lineage).asset("item_embeddings").parent
-    df = pd.DataFrame({"query_id": "q1", "query_image": catalog_first["path"], "query_text": "",
-                       "image": [str(root / p) for p in items["image"]], "text": items["title"]})
+    df = pd.DataFrame({"query_id": "q1", "query_image": [catalog_first["bytes"]] * len(items), "query_text": "",
+                       "image": [(root / p).read_bytes() for p in items["image"]], "text": items["title"]})
     out = model.predict(df)
     assert sorted(out["rank"]) == [1, 2, 3, 4, 5]
     assert np.all((out["p_instance"] >= 0) & (out["p_instance"] <= 1))

@@ -185,8 +185,9 @@ def test_id_model_and_control_train_with_the_same_budget_and_register(tiny):
     # the registered pyfunc embeds like the checkpoint it was made from
     pyfunc = mlflow.pyfunc.load_model(f"models:/{EMBEDDER_NAMES['embedding_model']}/latest")
     img = next((treat.path.parent / "validated_catalog/images").rglob("*.png"))
-    got = pyfunc.predict(pd.DataFrame({"image": [str(img)], "text": ["a thing"]}))
-    want = MLLMEmbedder.from_pretrained(treat.path / "model").encode([Image.open(img).convert("RGB")], ["a thing"])
+    got = pyfunc.predict(pd.DataFrame({"image": [img.read_bytes()], "text": ["a thing"]}))   # bytes, never a path
+    want = MLLMEmbedder.from_pretrained(treat.path / "model").encode([Image.open(img).convert("RGB")], ["a thing"],
+                                                                     dim=tiny["model"]["served_dim"])
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -104,7 +104,8 @@ form.addEventListener("submit", async (e) => {
     if (!resp.ok) {
       results.replaceChildren();
       latency.hidden = true;
-      statusEl.textContent = `Error ${resp.status}: ${body.error ? body.error.message : resp.statusText}`;
+      const err = body.error;   // the service's one error shape; its request id helps a bug report
+      statusEl.textContent = `Error ${resp.status}: ${err ? `${err.message} (request ${err.request_id})` : resp.statusText}`;
       return;
     }
     render(body, performance.now() - t0);
