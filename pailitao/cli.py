@@ -26,6 +26,16 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def digest(summary: dict, numbers: int = 5) -> str:
+    """One line per stage of a run's summary with its first few numbers (summary.json has them all)."""
+    lines = []
+    for name, stage in summary["stages"].items():
+        nums = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stage.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        lines.append(f"{name:22} {', '.join(nums[:numbers])}")
+    return "\n".join(lines)
+
+
 def _failed_stage(e: BaseException) -> str | None:
     """The stage `pailitao run` was in when e was raised: run_lineage's loop variable."""
     for frame, _ in traceback.walk_tb(e.__traceback__):
@@ -86,7 +96,7 @@ def cmd_run(args) -> int:
 
     def work() -> int:
         summary = run_lineage(params, out)
-        _print(summary)
+        print(digest(summary))
         d = summary["stages"]["ab_report"]
         print(f"\nwrote {out / 'summary.json'}, {out / 'metrics.json'} and {out / 'report.html'}")
         print(f"champion decision: {d['decision']} ({d['reasons']})")

@@ -24,18 +24,22 @@ def test_run_on_a_manifest_directory_writes_summary(tmp_path, mlflow_uri, capsys
     out = tmp_path / "out"
     assert main(["run", "--dataset", str(root), "--profile", "tiny", "--out", str(out),
                  "--set", "dataset.category_separator=>"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    # stdout: one line per stage, then where everything is (summary.json has every number)
+    printed = capsys.readouterr().out.splitlines()
+    assert {line.split()[0] for line in printed[:len(summary["stages"])]} == set(summary["stages"])
+    assert printed[0].startswith("raw_catalog") and "items=24" in printed[0]
+    assert any(line.startswith("wrote ") for line in printed) and len(printed) <= len(summary["stages"]) + 4
     items = pd.read_parquet(out / "data/processed/validated_catalog/items.parquet").set_index("item_id")
     assert items.loc["item001", "category"] == "apparel & accessories/clothing/shirts & tops"
     assert items.loc["item001", "category_display"] == google["apparel/shirts"]
     # search answers with the category as the catalog wrote it, beside the key judgments compare
-    capsys.readouterr()
     assert main(["search", "--text", "product 1", "--k", "3", "--profile", "tiny", "--workdir", str(out),
                  "--set", "dataset.category_separator=>"]) == 0
     text = capsys.readouterr().out
     hits = json.loads(text[text.index("{"):])["results"]
     assert hits and {h["category_display"] for h in hits} <= set(google.values())
     assert all(h["category"] == items.loc[h["item_id"], "category"] for h in hits)
-    summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"raw_catalog", "validated_catalog", "splits", "query_sets",
                                       "base_model", "stage1_embedder", "semantic_prototypes", "embedding_model",
                                       "baseline_embedder", "item_embeddings", "ann_index",
