@@ -10,6 +10,7 @@ import hashlib
 import io
 import os
 import stat
+import warnings
 from pathlib import Path
 
 import imagehash
@@ -25,8 +26,7 @@ NOT_REGULAR, UNREADABLE = "not a regular file", "unreadable file"
 OUTSIDE, ABSOLUTE, URL = "path outside the catalog", "absolute path", "URL, not a file in the catalog"
 
 # We check sizes ourselves (max_pixels from params) before decoding; Pillow's own guard stays on as
-# a backstop, and its warning is not silenced for the process (an image over Pillow's limit is
-# refused below anyway, with our reason).
+# a backstop, and its warning is not silenced for the process (open_checked turns it into a refusal).
 
 
 class BadImage(ValueError):
@@ -40,8 +40,13 @@ def open_checked(data: bytes, cfg: dict) -> Image.Image:
     if len(data) > cfg["max_bytes"]:
         raise BadImage(f"{TOO_LARGE_FILE} ({len(data)} bytes > {cfg['max_bytes']})")
     try:
-        im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:
+        # Pillow warns past its own limit (89 M pixels), errors past twice that: here both refuse,
+        # with our reason, and nothing is printed. The filter is only for this call (a thread
+        # racing it can at worst keep the escalation, which is what this function does anyway).
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"{TOO_MANY_PIXELS} ({e})") from None
     except UnidentifiedImageError:
         raise BadImage(f"{NOT_IMAGE} (no known image format)") from None

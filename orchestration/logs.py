@@ -40,8 +40,9 @@ def event_line(record: logging.LogRecord) -> str | None:
     if kind == "ASSET_MATERIALIZATION":
         mat = data.materialization
         return f"{mat.asset_key.to_user_string()}: {key_numbers(mat.metadata)}"
-    if kind == "ASSET_CHECK_EVALUATION":
-        return None if data.passed else f"check {data.check_name} FAILED: {data.description}"
+    if kind == "ASSET_CHECK_EVALUATION":   # a failed ERROR check stops what is downstream; a WARN one does not
+        blocking = getattr(data.severity, "value", data.severity) == "ERROR"
+        return None if data.passed else f"check {data.check_name} {'FAILED' if blocking else 'warns'}: {data.description}"
     return f"run FAILED: {meta.get('orig_message', '')}"
 
 
@@ -50,7 +51,9 @@ class _Lines(logging.Filter):
         line = event_line(record)
         if line is None:
             return False
-        level = logging.ERROR if "FAILED" in line.split(":")[0] else max(record.levelno, logging.INFO)
+        head = line.split(":")[0]
+        level = (logging.ERROR if "FAILED" in head else logging.WARNING if head.endswith(" warns")
+                 else max(record.levelno, logging.INFO))
         record.msg, record.args, record.name = line, (), "pailitao.dagster"
         record.levelno, record.levelname = level, logging.getLevelName(level)
         return True

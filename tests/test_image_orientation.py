@@ -3,6 +3,7 @@ turned upright at ingest and at query time; Pillow's bomb warning is not silence
 import io
 import subprocess
 import sys
+import warnings
 
 from PIL import ExifTags, Image
 
@@ -50,3 +51,17 @@ def test_the_bomb_warning_is_not_silenced_for_the_process():
             "print(any(f[0] == 'ignore' and f[2] is Image.DecompressionBombWarning for f in warnings.filters))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_image_past_pillow_s_limit_is_refused_with_our_reason_and_nothing_printed(capfd):
+    import pytest
+
+    from data.images import TOO_MANY_PIXELS, BadImage, open_checked
+
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")   # 100 M pixels: Pillow warns, does not raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")   # as in a plain process, where the warning would print
+        with pytest.raises(BadImage, match=TOO_MANY_PIXELS):
+            open_checked(buf.getvalue(), {**CFG, "max_pixels": 10**9})
+    assert "DecompressionBombWarning" not in capfd.readouterr().err

@@ -63,7 +63,7 @@ def test_lineage_job_materializes_on_the_tiny_profile(tmp_path, mlflow_uri):
     shown = [line for ev in result.all_events if (line := event_line(_record(ev)))]
     assert shown[:2] == ["stage raw_catalog started", "raw_catalog: " + key_numbers(meta["raw_catalog"])]
     assert shown[2].startswith("stage raw_catalog done in ") and shown[2].endswith(" s")
-    assert "check duplicate_images FAILED" in "\n".join(shown) or checks["duplicate_images"].passed
+    assert "check duplicate_images warns" in "\n".join(shown) or checks["duplicate_images"].passed
     assert len(shown) <= 3 * len(workers) + len(checks)
     lines = decisions(result).splitlines()   # what `make demo` ends with
     assert lines[0] == f"A/B report: {tmp_path / 'work/data/processed/ab_report/report.html'}"
