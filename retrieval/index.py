@@ -30,19 +30,24 @@ Config: a plain dict; missing keys take DEFAULTS (nested dicts merge key by key)
 On disk (root = the index directory):
   root/CURRENT                    the live version's name; replaced by os.replace, so readers see
                                   the old or the new name, never a partial one
-  root/versions/<version>/        index.faiss, ids.npy, meta.json (written last; lists file sizes)
-  root/versions/.tmp-<version>/   a version being written; renamed into place only when complete
+  root/versions/<version>/        index.faiss, ids.npy, meta.json (written last; lists file sizes and
+                                  sha256, checked at every load: a corrupt version is refused, never served)
+  root/versions/.tmp-<version>-<pid>@<host>/   a version being written; renamed into place only when
+                                  complete; removed by the next publish once its writer is gone
 Versions are named by UTC creation time (sortable) plus a random suffix.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -51,6 +56,8 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+
+from pailitao.io import process_gone
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,8 @@ DEFAULTS: dict = {
     "keep_versions": 3,
     "seed": 0,
 }
-STALE_TMP_SECONDS = 3600  # a .tmp- dir younger than this may belong to a writer still at work
+STALE_TMP_SECONDS = 3600  # a temp without its writer's pid@host, younger than this, may be in use
+FILES = ("index.faiss", "ids.npy")
 
 
 def resolve_cfg(cfg: dict | None = None) -> dict:
@@ -367,6 +375,43 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def sha256_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _write_failed(e: BaseException, what: str) -> OSError:
+    """A failed write (disk full, I/O error: faiss and torch raise RuntimeError for these) as one
+    OSError naming what was being written and what stays as it was."""
+    return OSError(f"{what}: {e}")
+
+
+_OWNED_TMP = re.compile(r"\.(?:tmp|CURRENT\.tmp)-.+-(\d+)@(.+)")
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """What killed publishers left (a half-written version can be as large as the index: a disk
+    filled by them fails the next publish): removed once the writer named in the name is gone, or,
+    with no writer in the name, after STALE_TMP_SECONDS."""
+    vroot = root / "versions"
+    for p in [*(vroot.glob(".tmp-*") if vroot.is_dir() else []), *root.glob(".CURRENT.*")]:
+        m = _OWNED_TMP.fullmatch(p.name)
+        try:
+            stale = process_gone(m[2], int(m[1])) if m else time.time() - p.stat().st_mtime > STALE_TMP_SECONDS
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        if stale:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            log.warning("removed %s, left by a publisher that is gone", p)
+
+
+def _owner() -> str:
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
 def _new_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
 
@@ -393,10 +438,11 @@ def versions(root) -> list[str]:
 def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_current: bool = True) -> Path:
     """Write a new version of (index, ids, meta) and, if make_current, point CURRENT at it.
 
-    Files go to versions/.tmp-<v>/ and are fsynced; the directory is renamed to versions/<v>/ only
-    when complete, and CURRENT is swapped only after that, so no reader can see a partial version.
-    meta gets kind, n, dim, version, created, faiss version, search_params (read from the index),
-    per-file sizes and bytes (on disk, index + ids).
+    Files go to versions/.tmp-<v>-<pid>@<host>/ and are fsynced; the directory is renamed to
+    versions/<v>/ only when complete, and CURRENT is swapped only after that, so no reader can see a
+    partial version. meta gets kind, n, dim, version, created, faiss version, search_params (read
+    from the index), per-file sizes and sha256, and bytes (on disk, index + ids).
+    A failed write (a full disk) raises OSError; CURRENT and what it serves stay as they were.
     Returns the version directory.
     """
     root = Path(root)
@@ -406,24 +452,29 @@ def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_c
     version = _new_version()
     vroot = root / "versions"
     vroot.mkdir(parents=True, exist_ok=True)
-    tmp, final = vroot / f".tmp-{version}", vroot / version
+    _remove_stale_temps(root)
+    tmp, final = vroot / f".tmp-{version}-{_owner()}", vroot / version
     tmp.mkdir()
     try:
         faiss.write_index(index, str(tmp / "index.faiss"))
         np.save(tmp / "ids.npy", ids, allow_pickle=False)
-        files = {name: (tmp / name).stat().st_size for name in ("index.faiss", "ids.npy")}
+        files = {name: (tmp / name).stat().st_size for name in FILES}
+        # hashed as read back, after the write: what load_version will find, if nothing changes it
         meta = {"search_params": get_search_params(index), **(meta or {}), "version": version,
                 "kind": index_kind(index), "n": int(index.ntotal), "dim": int(index.d),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "faiss_version": faiss.__version__, "files": files, "bytes": sum(files.values())}
+                "faiss_version": faiss.__version__, "files": files, "bytes": sum(files.values()),
+                "sha256": {name: sha256_file(tmp / name) for name in FILES}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
-        for name in ("index.faiss", "ids.npy", "meta.json"):
+        for name in (*FILES, "meta.json"):
             _fsync(tmp / name)
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(vroot)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _write_failed(e, f"index version {version} not published under {root}, CURRENT unchanged") from e
         raise
     if make_current:
         try:
@@ -436,12 +487,16 @@ def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_c
 
 
 def _swap_pointer(root: Path, version: str) -> None:
-    tmp = root / f".CURRENT.{os.getpid()}.{secrets.token_hex(4)}"
-    with open(tmp, "w") as f:
-        f.write(version + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "CURRENT")  # atomic on POSIX: readers see the old or the new name
+    tmp = root / f".CURRENT.tmp-{secrets.token_hex(4)}-{_owner()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(version + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, root / "CURRENT")  # atomic on POSIX: readers see the old or the new name
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _write_failed(e, f"{root / 'CURRENT'} not switched to {version}, it names the version it did") from e
     _fsync(root)
 
 
@@ -457,7 +512,7 @@ def cleanup(root, keep: int = 3, protect=()) -> list[str]:
 
     publish protects the version it replaced: a reader may have just read the old pointer. A reader
     slower than two publishes can still lose its version mid-load; load_current then re-reads the
-    pointer and loads the new one. Temp dirs of writers that died long ago are removed too.
+    pointer and loads the new one. Temps of writers that are gone are removed too.
     """
     root = Path(root)
     try:
@@ -466,17 +521,21 @@ def cleanup(root, keep: int = 3, protect=()) -> list[str]:
         protect = set(protect)
     names = versions(root)
     doomed = [v for v in names[: max(0, len(names) - max(1, keep))] if v not in protect]
-    for v in doomed:
-        shutil.rmtree(root / "versions" / v, ignore_errors=True)
-    vroot = root / "versions"
-    for p in vroot.glob(".tmp-*") if vroot.is_dir() else []:
-        if time.time() - p.stat().st_mtime > STALE_TMP_SECONDS:
-            shutil.rmtree(p, ignore_errors=True)
+    for v in doomed:  # renamed out of versions/ first: a kill mid-delete leaves a temp, not half a version
+        gone = root / "versions" / f".tmp-{v}-{_owner()}"
+        try:
+            os.rename(root / "versions" / v, gone)
+        except FileNotFoundError:  # another cleanup got it
+            continue
+        shutil.rmtree(gone, ignore_errors=True)
+    _remove_stale_temps(root)
     return doomed
 
 
 def load_version(root, version: str) -> Loaded:
-    """Load and cross-check one version; FileNotFoundError if absent, ValueError if partial / corrupt."""
+    """Load and cross-check one version; FileNotFoundError if absent, ValueError if partial / corrupt
+    (a size or sha256 other than meta.json's: a bit flipped on disk loads fine in faiss and would
+    be served). Versions published before sha256 was recorded are checked by size only."""
     vdir = Path(root) / "versions" / version
     if not vdir.is_dir():
         raise FileNotFoundError(f"index version {vdir} does not exist")
@@ -491,6 +550,10 @@ def load_version(root, version: str) -> Loaded:
         actual = (vdir / name).stat().st_size  # FileNotFoundError if the version was removed meanwhile
         if actual != size:
             raise ValueError(f"{vdir / name} is {actual} bytes, meta.json says {size}: truncated or corrupt")
+    for name, want in meta.get("sha256", {}).items():
+        got = sha256_file(vdir / name)
+        if got != want:
+            raise ValueError(f"{vdir / name} is corrupt: sha256 {got[:16]}..., meta.json says {want[:16]}...")
     ipath = vdir / "index.faiss"
     try:
         index = faiss.read_index(str(ipath))
@@ -556,6 +619,9 @@ class IndexReader:
     the old object finish on it, and it is freed when the last of them drops it. The first get()
     after a publish pays the load; a server can call get() from a background thread to prefetch.
     use_gpu: serve flat / IVF-PQ from a GPU copy ("auto": when one is available).
+    A version that fails to load (corrupt) raises; the caller keeps what it got before (the service's
+    Searcher.refresh does). Its error is remembered until CURRENT changes: a reload poll does not
+    re-read and re-hash a large corrupt index every few seconds.
     """
 
     def __init__(self, root, use_gpu="auto"):
@@ -563,6 +629,7 @@ class IndexReader:
         self.use_gpu = use_gpu
         self._lock = threading.Lock()
         self._state: tuple[tuple, Loaded] | None = None
+        self._failed: tuple[tuple, str] | None = None  # the message only: a traceback holds what was loaded
 
     def _stamp(self) -> tuple:
         try:
@@ -578,7 +645,13 @@ class IndexReader:
         with self._lock:  # one loader at a time; others wait, then reuse its result
             state = self._state
             if state is None or state[0] != stamp:
-                loaded = load_current(self.root)
+                if self._failed and self._failed[0] == stamp:
+                    raise ValueError(self._failed[1])
+                try:
+                    loaded = load_current(self.root)
+                except ValueError as e:
+                    self._failed = (stamp, str(e))
+                    raise
                 if want_gpu(self.use_gpu):
                     loaded = loaded._replace(index=to_gpu(loaded.index))
                     set_search_params(loaded.index, **loaded.meta.get("search_params", {}))

@@ -492,7 +492,7 @@ class Searcher:
                 log.info("serving index %s (%s, %d vectors) from %s", meta["version"], meta["kind"],
                          meta["n"], self.index_dir)
                 return True
-            except (FileNotFoundError, ValueError, RuntimeError) as e:
+            except (OSError, ValueError, RuntimeError) as e:   # EIO, permissions: keep the old snapshot
                 if str(e) != self.last_error:
                     log.warning("index %s not (re)loaded: %s", self.index_dir, e)
                 self.last_error = str(e)

@@ -2,17 +2,25 @@
 (stage 3: backbone + prototype head end to end), with hard-negative mining, checkpoints, resume."""
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import math
+import os
+import random
 import shutil
+import warnings
+import zipfile
 from pathlib import Path
 
 import faiss
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers import get_cosine_schedule_with_warmup
 
+from pailitao.io import atomic_path
 from training.backbone import MLLMEmbedder
 from training.finetune import param_groups
 from training.data import PairDataset, RandomBatchSampler, SimilarPrototypeBatchSampler, collate
@@ -179,6 +187,136 @@ def make_loader(dataset: PairDataset, params: dict, neighbours: np.ndarray | Non
                                        num_workers=t["num_workers"])
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a sibling temp, fsynced, renamed over the old one: a kill or a full
+    disk mid-write leaves the previous last.ckpt whole. Lightning's own _atomic_save stages the bytes
+    in the system temp dir and shutil.moves them: across file systems that move is a copy a kill can
+    cut short, and a killed writer's full-size temp stays in /tmp. atomic_path removes the temps
+    of dead writers at the next save."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:   # torch says "unexpected pos ..." for a full disk
+            raise OSError(f"checkpoint {path} not written, the previous one is kept: {e}") from e
+
+
+def check_checkpoint(path: Path) -> None:
+    """RuntimeError naming `path` when it is not a whole checkpoint. torch.save writes a zip with a
+    CRC-32 per record: testzip reads and checks them all (torch.load itself loads a flipped bit in a
+    tensor without a word, and fails on a truncated file only deep inside trainer.fit)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+        why = bad and f"CRC mismatch in {bad}"
+    except Exception as e:   # noqa: BLE001 - whatever fails to read it is the reason it is refused
+        why = f"{type(e).__name__}: {e}"
+    if why:
+        # refused, not replaced by a fresh start: a silent restart would drop the steps it holds
+        # (hours, on a real run) and report success; deleting it is the user's call, and one command
+        raise RuntimeError(f"cannot resume: checkpoint {path} is corrupt ({why}); delete it to train from step 0")
+
+
+class _Replay(torch.utils.data.Sampler):
+    """A batch sampler that, once, fast-forwards its inner one: through `epochs` whole epochs (its
+    seeded RNG or epoch counter advances as in the run that saved), then past `done` batches of the
+    next. Batches are indices here: skipping them loads no data. Attributes read through to the
+    inner sampler (EmbeddingModule.follow_graph calls set_neighbours on it)."""
+
+    def __init__(self, inner):
+        self.inner, self.replay = inner, None
+
+    def __getattr__(self, name):
+        if name == "inner":   # not set yet (copy, pickle): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self):
+        if self.replay is None:
+            yield from self.inner
+            return
+        (epochs, done), self.replay = self.replay, None
+        n = len(self.inner)   # an epoch is len() batches: Lightning takes no more, so neither may this
+        for _ in range(epochs):   # (torch's RandomSampler draws again when exhausted)
+            for _ in itertools.islice(self.inner, n):
+                pass
+        yield from itertools.islice(self.inner, done, n)
+
+
+def _rng_state() -> dict:
+    kind, keys, *rest = np.random.get_state()   # its key array as a tensor: Lightning loads weights_only
+    return {"torch": torch.get_rng_state(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+            "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(state["python"])
+    if state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ExactResume(L.Callback):
+    """What Lightning leaves out of a checkpoint, so a resumed run trains as the uninterrupted one:
+    the global RNG states (dropout) and where the data stood. Lightning restarts a plain DataLoader
+    mid-epoch from its first batch and a sampler from its first epoch: the resumed run would train
+    on other batches. Needs a batch sampler whose order follows from its seed and how often it was
+    iterated (RandomBatchSampler; torch's samplers given their own generator); a DataLoader
+    `generator` or num_workers > 0 with a dataset that draws from torch's RNG is not replayed."""
+
+    def __init__(self, sampler: _Replay | None):
+        self.sampler, self.rng, self.batches = sampler, None, 0
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, module, *args) -> None:
+        self.batches += 1   # before ModelCheckpoint's save: Lightning runs checkpoint callbacks last
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        checkpoint["exact_resume"] = {"epoch": trainer.current_epoch, "batches": self.batches,
+                                      "rng": _rng_state()}
+
+    def on_load_checkpoint(self, trainer, module, checkpoint: dict) -> None:
+        state = checkpoint.get("exact_resume")
+        if state is None or self.sampler is None:
+            return
+        epochs, done = state["epoch"], state["batches"]
+        if done >= len(self.sampler):   # saved at an epoch's last batch: the next epoch starts
+            epochs, done = epochs + 1, 0
+        self.sampler.replay, self.batches = (epochs, done), done
+        if done:
+            self.rng = state["rng"]   # at on_train_start, after the DataLoader's iter() (no draw mid-epoch)
+        else:
+            _set_rng_state(state["rng"])   # before it: its draw at an epoch's start is part of the stream
+
+    def on_train_start(self, trainer, module) -> None:
+        if self.rng is not None:
+            _set_rng_state(self.rng)
+            self.rng = None
+
+
+def _resumable(loader) -> tuple[object, _Replay | None]:
+    """A shallow copy of a DataLoader with its batch sampler wrapped in _Replay."""
+    if not isinstance(loader, torch.utils.data.DataLoader) or loader.batch_sampler is None:
+        return loader, None
+    replay = _Replay(loader.batch_sampler)
+    loader = copy.copy(loader)
+    # DataLoader forbids this after __init__ so batch_size & co. stay consistent: _Replay yields the same batches
+    object.__setattr__(loader, "batch_sampler", replay)
+    return loader, replay
+
+
 def last_checkpoint(work_dir: Path) -> Path | None:
     """work_dir/ckpt/last.ckpt, left by a run killed midway: fit continues from it."""
     last = Path(work_dir) / "ckpt" / "last.ckpt"
@@ -198,7 +336,8 @@ def run_id_file(work_dir: Path) -> Path:
 def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps: int,
         logger=None, callbacks: list | None = None) -> L.Trainer:
     """Train for max_steps; checkpoints in work_dir/ckpt, resumed from last.ckpt when present
-    (a run killed midway continues when the asset is materialized again)."""
+    (a run killed midway continues when the asset is materialized again, on the same batches and
+    RNG stream as without the kill: ExactResume). A corrupt last.ckpt is refused (check_checkpoint)."""
     t = params["train"]
     ckpt_dir = Path(work_dir) / "ckpt"
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
@@ -208,13 +347,19 @@ def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps
         precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     from pailitao import console
 
+    last = last_checkpoint(work_dir)
+    if last:
+        check_checkpoint(last)
+    loader, replay = _resumable(loader)
     console.quiet_libraries()   # Lightning is imported by now: its tips and warnings, its own handler
+    if replay is not None:   # "... your dataloader is not resumable": ExactResume makes it so, unseen by Lightning
+        warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"],
                         strategy=t["strategy"], precision=precision, logger=logger or False,
-                        callbacks=[ckpt, console.lightning_progress(), *(callbacks or [])],
+                        callbacks=[ckpt, ExactResume(replay), console.lightning_progress(), *(callbacks or [])],
+                        plugins=[AtomicCheckpointIO()],
                         default_root_dir=str(work_dir), enable_progress_bar=False,   # one bar over max_steps
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,
                         max_epochs=-1, use_distributed_sampler=False)
-    last = last_checkpoint(work_dir)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if last else None)
     return trainer
