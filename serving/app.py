@@ -52,7 +52,7 @@ from starlette.routing import Match
 
 from pailitao.config import Paths
 from retrieval.pipeline import (RERANK_PARTS, NotReady, QueryError, Searcher, TooLarge, UnknownItem, build_searcher,
-                                load_embedder, resolve_model, variant_dirs)
+                                load_embedder, variant_dirs)
 from serving.ab import EventLog, UnknownImpression, Variant, assign, variants_from_params
 
 log = logging.getLogger(__name__)
