@@ -423,3 +423,29 @@ def test_an_index_publisher_killed_at_a_random_point_never_tears_the_served_inde
     current = ix.load_current(root).meta["version"]
     new = ix.publish(root, *flat()).name   # the next publish works and clears what the dead one left
     assert ix.current_version(root) == new and temps(root) == [] and current in ix.versions(root)
+
+
+def test_head_shards_a_saved_checkpoint_names_survive_failed_saves(tmp_path, monkeypatch):
+    """Two checkpoint saves fail in a row (a full disk): the head shard directory the last good
+    last.ckpt names is still there; once a save succeeds, only the older directories go."""
+    from training.modules import AtomicCheckpointIO
+
+    root = tmp_path / "ckpt"
+    heads = [root / f"head-step{s:08d}" for s in (3, 6, 9, 12)]
+    for h in heads:
+        h.mkdir(parents=True)
+    cio = AtomicCheckpointIO()
+    cio.save_checkpoint({"head_dir": str(heads[0]), "w": torch.zeros(2)}, root / "last.ckpt")
+    real_save = torch.save
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    for h in heads[1:3]:   # the saves of steps 6 and 9 fail: last.ckpt still names step 3
+        with pytest.raises(OSError, match="not written"):
+            cio.save_checkpoint({"head_dir": str(h)}, root / "last.ckpt")
+    assert torch.load(root / "last.ckpt")["head_dir"] == str(heads[0]) and heads[0].is_dir()
+    monkeypatch.setattr(torch, "save", real_save)
+    cio.save_checkpoint({"head_dir": str(heads[3])}, root / "last.ckpt")
+    assert [h.is_dir() for h in heads] == [False, False, False, True]

@@ -58,10 +58,7 @@ class EmbeddingModule(L.LightningModule):
             root = Path(self.trainer.default_root_dir) / "ckpt"
             head_dir = root / f"head-step{self.trainer.global_step:08d}"
             self.head.save_sharded(head_dir)
-            checkpoint["head_dir"] = str(head_dir)
-            if self.trainer.is_global_zero:   # keep this one and the previous (a save may be in flight)
-                for old in sorted(root.glob("head-step*"))[:-2]:
-                    shutil.rmtree(old, ignore_errors=True)
+            checkpoint["head_dir"] = str(head_dir)   # older ones go once this checkpoint is saved
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.head is not None and checkpoint.get("head_dir"):
@@ -204,6 +201,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
         except (OSError, RuntimeError) as e:   # torch says "unexpected pos ..." for a full disk
             raise OSError(f"checkpoint {path} not written, the previous one is kept: {e}") from e
+        prune_head_dirs(checkpoint.get("head_dir"))
+
+
+def prune_head_dirs(kept: str | None) -> None:
+    """Once a checkpoint naming head shard directory `kept` is on disk, the older head-step*
+    directories beside it are unreferenced. Pruned here, after the save, not when the shards are
+    written: after failed saves the last checkpoint on disk still names an older directory."""
+    if not kept:
+        return
+    kept = Path(kept)
+    for old in kept.parent.glob("head-step*"):
+        if old.name < kept.name:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def check_checkpoint(path: Path) -> None:
