@@ -11,6 +11,7 @@ from dagster import DagsterInstance
 from rich.console import Console
 from rich.table import Table
 
+from orchestration.logs import key_numbers
 from pailitao.config import REPO_ROOT
 
 
@@ -65,10 +66,8 @@ def run_job(profile: str | None, dataset: str | None, sets: list[str] | None = N
         table.add_column(col)
     for ev in result.get_asset_materialization_events():
         mat = ev.event_specific_data.materialization
-        md = {k: v.value for k, v in mat.metadata.items()}
-        nums = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in md.items() if isinstance(v, (int, float)))
-        table.add_row(mat.asset_key.to_user_string(), str(md.get("path", "")), nums)
+        table.add_row(mat.asset_key.to_user_string(), str(mat.metadata["path"].value if "path" in mat.metadata else ""),
+                      key_numbers(mat.metadata, None))
     console.print(table)
     for ev in result.all_events:
         if ev.event_type_value == "ASSET_CHECK_EVALUATION":

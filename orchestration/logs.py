@@ -15,11 +15,9 @@ STAGE_EVENTS = {"STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "ASSET_MATERIALIZA
                 "ASSET_CHECK_EVALUATION", "RUN_FAILURE"}
 
 
-def key_numbers(metadata: dict, limit: int = 6) -> str:
+def key_numbers(metadata: dict, limit: int | None = 6) -> str:
     """The first numbers of a materialization's metadata: `items=5442, images=8096`."""
-    nums = [(k, v.value) for k, v in metadata.items()
-            if isinstance(v.value, (int, float)) and not isinstance(v.value, bool)]
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in nums[:limit])
+    return console.numbers({k: v.value for k, v in metadata.items()}, limit)
 
 
 def event_line(record: logging.LogRecord) -> str | None:

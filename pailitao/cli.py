@@ -26,14 +26,9 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def digest(summary: dict, numbers: int = 5) -> str:
+def digest(summary: dict, first: int = 5) -> str:
     """One line per stage of a run's summary with its first few numbers (summary.json has them all)."""
-    lines = []
-    for name, stage in summary["stages"].items():
-        nums = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stage.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        lines.append(f"{name:22} {', '.join(nums[:numbers])}")
-    return "\n".join(lines)
+    return "\n".join(f"{name:22} {console.numbers(stage, first)}" for name, stage in summary["stages"].items())
 
 
 def _failed_stage(e: BaseException) -> str | None:

@@ -209,3 +209,10 @@ def one_line(e: BaseException) -> str:
     lines = [s for s in str(e).strip().splitlines() if s.strip()]
     text = lines[0].strip() + (" ..." if len(lines) > 1 else "") if lines else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def numbers(values: dict, limit: int | None = None) -> str:
+    """`items=5442, seconds=39.7`: the int and float values of `values` (booleans are not numbers),
+    the first `limit` of them; floats to 4 significant digits."""
+    nums = [(k, v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in nums[:limit])

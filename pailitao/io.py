@@ -33,7 +33,8 @@ def process_gone(host: str | None, pid: int) -> bool:
     return False
 
 
-def _owner_tag() -> str:
+def owner_tag() -> str:
+    """pid@host of this process: in a temp's name, what process_gone checks."""
     return f"{os.getpid()}@{socket.gethostname()}"
 
 
@@ -62,7 +63,7 @@ def atomic_path(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(final)
-    owner = _owner_tag()
+    owner = owner_tag()
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", suffix=f"-{owner}", dir=final.parent)) / final.name
     try:
         yield tmp

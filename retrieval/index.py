@@ -47,7 +47,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -57,7 +56,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from pailitao.io import process_gone
+from pailitao.io import owner_tag, process_gone
 
 log = logging.getLogger(__name__)
 
@@ -408,10 +407,6 @@ def _remove_stale_temps(root: Path) -> None:
             log.warning("removed %s, left by a publisher that is gone", p)
 
 
-def _owner() -> str:
-    return f"{os.getpid()}@{socket.gethostname()}"
-
-
 def _new_version() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
 
@@ -453,7 +448,7 @@ def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_c
     vroot = root / "versions"
     vroot.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(root)
-    tmp, final = vroot / f".tmp-{version}-{_owner()}", vroot / version
+    tmp, final = vroot / f".tmp-{version}-{owner_tag()}", vroot / version
     tmp.mkdir()
     try:
         faiss.write_index(index, str(tmp / "index.faiss"))
@@ -487,7 +482,7 @@ def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_c
 
 
 def _swap_pointer(root: Path, version: str) -> None:
-    tmp = root / f".CURRENT.tmp-{secrets.token_hex(4)}-{_owner()}"
+    tmp = root / f".CURRENT.tmp-{secrets.token_hex(4)}-{owner_tag()}"
     try:
         with open(tmp, "w") as f:
             f.write(version + "\n")
@@ -522,7 +517,7 @@ def cleanup(root, keep: int = 3, protect=()) -> list[str]:
     names = versions(root)
     doomed = [v for v in names[: max(0, len(names) - max(1, keep))] if v not in protect]
     for v in doomed:  # renamed out of versions/ first: a kill mid-delete leaves a temp, not half a version
-        gone = root / "versions" / f".tmp-{v}-{_owner()}"
+        gone = root / "versions" / f".tmp-{v}-{owner_tag()}"
         try:
             os.rename(root / "versions" / v, gone)
         except FileNotFoundError:  # another cleanup got it
