@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pailitao.config import load_params
+from core.config import load_params
 from training.backbone import MLLMEmbedder
 
 TITLES = ["red striped mug k7", "blue dotted hat a2", "green phone case z9", "yellow rubber duck q1"]

@@ -20,8 +20,8 @@ import pandas as pd
 
 from data.schema import Catalog
 from evaluation.retrieval import encode_gallery, evaluate
-from pailitao import model_stages, stages
-from pailitao.config import Paths, deep_merge, load_params, set_overrides
+from pailitao.lineage import domain_stages
+from core.config import Paths, deep_merge, load_params, set_overrides
 from training.backbone import MLLMEmbedder
 
 COLS = ["I-HR@1", "I-HR@10", "R@1", "R@10", "mAP@R"]
@@ -44,11 +44,11 @@ def main() -> None:
         over["train"] = {"stage1_steps": args.steps, "stage3_steps": args.steps}
     params = load_params(args.profile, deep_merge(over, set_overrides(args.set)))
     paths = Paths.from_params(params)
-    for name, fn in stages.DATA_STAGES.items():
+    for name, fn in domain_stages("data").items():
         if not (paths.asset(name) / "meta.json").is_file():
             fn(params)
     timings = {}
-    for name, fn in model_stages.MODEL_STAGES.items():
+    for name, fn in domain_stages("embedding").items():
         if name in args.reuse and (paths.asset(name) / "meta.json").is_file():
             continue
         t0 = time.perf_counter()

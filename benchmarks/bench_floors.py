@@ -19,8 +19,8 @@ import pandas as pd
 
 from data.schema import Catalog
 from evaluation import floors
-from pailitao import stages
-from pailitao.config import Paths, load_params
+from pailitao.lineage import domain_stages
+from core.config import Paths, load_params
 
 COLS = ["I-HR@1", "I-HR@10", "C-HR@10", "R@1", "R@10", "mAP@R"]
 
@@ -35,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.profile, {"workdir": args.workdir} if args.workdir else None)
     paths = Paths.from_params(params)
-    for name, fn in stages.DATA_STAGES.items():
+    for name, fn in domain_stages("data").items():
         if not (paths.asset(name) / "meta.json").is_file():
             fn(params)
     catalog = Catalog.load(paths.asset("validated_catalog"))

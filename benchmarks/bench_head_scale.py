@@ -1,5 +1,5 @@
 """Prototype head at scale (GitHub issue #4): step time, memory and KNN-graph rebuild time of
-training.sharded_head.ShardedPrototypeHead from U = 1e4 to 1e7 prototypes on one CPU machine, at a
+training.head.ShardedPrototypeHead from U = 1e4 to 1e7 prototypes on one CPU machine, at a
 FIXED number of neighbours per target (so a fixed bound on the scored classes).
 
 Per size, in a fresh process (so the peak RSS is that size's): clustered unit prototype rows
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.sharded_head import ShardedPrototypeHead, build_index, head_cost  # noqa: E402
+from training.head import ShardedPrototypeHead, build_index, head_cost  # noqa: E402
 
 DIMS, WEIGHTS, MARGIN, TAU = [64, 128], [0.5, 1.0], 0.2, 0.05
 GB = 1e9

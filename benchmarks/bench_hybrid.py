@@ -21,9 +21,9 @@ from evaluation.floors import tfidf
 from evaluation.retrieval import (cached_gallery, encode_queries, item_lexical_index, lineage_queries, query_groups,
                                   rank_hybrid, ranked_levels)
 from evaluation.metrics import per_query_metrics
-from pailitao.config import Paths, load_params
+from core.config import Paths, load_params
 from retrieval.lexical import HybridConfig
-from retrieval.pipeline import model_fingerprint
+from retrieval.models import model_fingerprint
 from training.backbone import MLLMEmbedder
 
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0)

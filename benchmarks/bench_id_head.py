@@ -26,9 +26,9 @@ import torch
 from bench_pretrained import arm_rows, paired_tests, per_query
 
 from evaluation.retrieval import cached_gallery, encode_queries, lineage_queries, rank_items
-from pailitao import model_stages
-from pailitao.config import Paths, deep_merge, load_params, set_overrides
-from retrieval.pipeline import model_fingerprint
+from pailitao.stages import embedding as model_stages
+from core.config import Paths, deep_merge, load_params, set_overrides
+from retrieval.models import model_fingerprint
 from training.backbone import MLLMEmbedder
 
 # arm -> (stage, overrides of the lineage's params)

@@ -15,8 +15,8 @@ import resource
 import tempfile
 import time
 
-from pailitao import stages
-from pailitao.config import dataset_override, deep_merge, load_params
+from pailitao.stages import data as stages
+from core.config import dataset_override, deep_merge, load_params
 
 
 def main() -> None:

@@ -30,9 +30,9 @@ from evaluation.floors import FLOORS, applicable
 from evaluation.metrics import per_query_metrics
 from evaluation.retrieval import (cached_gallery, encode_queries, gallery, item_lexical_index, lineage_queries,
                                   query_groups, rank_hybrid, rank_items, ranked_levels)
-from pailitao.config import Paths, load_params
+from core.config import Paths, load_params
 from retrieval.lexical import HybridConfig
-from retrieval.pipeline import model_fingerprint
+from retrieval.models import model_fingerprint
 from training.backbone import MLLMEmbedder
 
 MODELS = {"base model (zero-shot)": "base_model", "stage 1": "stage1_embedder",

@@ -31,11 +31,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from evaluation.calibration import expected_calibration_error
+from retrieval.calibration import expected_calibration_error
 from evaluation.compare import bootstrap_mean_ci, paired_bootstrap
 from evaluation.metrics import per_query_metrics
-from pailitao.config import Paths, deep_merge, load_params, set_overrides
-from retrieval import rerank_stages as rs
+from core.config import Paths, deep_merge, load_params, set_overrides
+from pailitao.stages import reranking as rs
 from retrieval.merge import assign_chunks, hybrid_merge
 from retrieval.rerank import Ranked, load_reranker
 
@@ -79,7 +79,7 @@ def test_set(params: dict, per_level: int) -> tuple[pd.DataFrame, pd.DataFrame, 
     from data.queries import image_queries
     from data.schema import Catalog
     from evaluation.retrieval import encode_queries
-    from retrieval.pipeline import load_embedder, resolve_model
+    from retrieval.models import load_embedder, resolve_model
     from training import rerank_data as rd
 
     paths = Paths.from_params(params)

@@ -45,7 +45,7 @@ def serve(args) -> None:
     """Server role: the app over one index directory (the benchmark starts it as a subprocess)."""
     import uvicorn
 
-    from pailitao.config import deep_merge, load_params
+    from core.config import deep_merge, load_params
     from retrieval.pipeline import build_searcher
     from serving.app import create_app
 
@@ -88,7 +88,7 @@ def synthetic_index(n: int, dim: int, params: dict, root: Path) -> tuple[Path, P
 
 def queries(params: dict, limit: int) -> list[tuple[bytes | None, str | None]]:
     from data.queries import image_queries
-    from pailitao.config import Paths
+    from core.config import Paths
 
     root = Paths.from_params(params).asset("query_sets")
     q = image_queries(pd.read_parquet(root / "queries.parquet"))   # the photo queries measured before
@@ -190,7 +190,7 @@ def main() -> None:
     if args.serve:
         return serve(args)
 
-    from pailitao.config import Paths, load_params
+    from core.config import Paths, load_params
     from retrieval import index as ix
     params = load_params(args.profile, {"workdir": args.workdir} if args.workdir else None)
     qs = queries(params, 500)

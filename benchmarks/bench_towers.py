@@ -23,7 +23,7 @@ from PIL import Image
 from data.schema import Catalog
 from evaluation.metrics import retrieval_report
 from evaluation.retrieval import gallery, query_groups, rank_items, ranked_levels
-from pailitao.config import Paths, deep_merge, load_params
+from core.config import Paths, deep_merge, load_params
 from training.vlm import PailitaoVLConfig, PailitaoVLImageProcessor, PailitaoVLModel, use_feature_cache
 
 TOWERS = {"efficientnet_lite0": {"vision": "efficientnet_lite0"},

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pandas as pd
 import torch
-from pailitao.config import Paths, load_params
-from retrieval import rerank_stages as rs
+from core.config import Paths, load_params
+from pailitao.stages import reranking as rs
 from training.reranker import MLLMReranker
 
 torch.set_num_threads(1)

@@ -70,7 +70,7 @@ class StartFailed(RuntimeError):
 # ---------------------------------------------------------------- inputs
 def load_queries(params: dict, limit: int, seed: int = 0) -> list[dict]:
     """Up to `limit` test-split queries of the workdir's query set, shuffled: image bytes and/or text."""
-    from pailitao.config import Paths
+    from core.config import Paths
 
     root = Paths.from_params(params).asset("query_sets")
     q = pd.read_parquet(root / "queries.parquet")
@@ -197,8 +197,8 @@ def publish_stage(args, env: dict) -> str:
 
 def publish_index(params: dict) -> str:
     """The same build + publish as the ann_index stage, without its MLflow run."""
-    from pailitao.config import Paths
-    from pailitao.io import read_json, write_json
+    from core.config import Paths
+    from core.io import read_json, write_json
     from retrieval import index as ix
 
     paths = Paths.from_params(params)
@@ -451,7 +451,7 @@ def main() -> int:
     args.workdir = str(Path(args.workdir).resolve())
     out = Path(args.out or REPO / f"benchmarks/results/soak_{args.profile}.json")
 
-    from pailitao.config import Paths, load_params
+    from core.config import Paths, load_params
     env = dict(os.environ)
     db = Path(args.workdir) / "mlflow" / "mlflow.db"
     if "MLFLOW_TRACKING_URI" not in env and db.is_file():

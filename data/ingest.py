@@ -18,8 +18,8 @@ from data.schema import (IMAGE_COLUMNS, ITEM_COLUMNS, ITEM_QUARANTINE_COLUMNS, Q
                          SPLITS, STATUS_OK, Catalog, CatalogError, coerce, reason_class)
 from data.sources import ROW, Source
 from data.taxonomy import DEFAULT_MAX_DEPTH, normalize_text, path_problem
-from pailitao.config import fingerprint
-from pailitao.io import atomic_path, write_json
+from core.config import fingerprint
+from core.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from data.judgments import qrels
 from data.noise import _STOP, noise_image, noise_text
 from data.schema import CATALOG_VIEW, STATUS_OK, Catalog
 from data.splits import unit_hash
-from pailitao.console import progress
+from core.console import progress
 
 GIVEN = "given"
 IMAGE, TEXT, IMAGE_TEXT = "image", "text", "image_text"   # modalities; TEXT, IMAGE_TEXT are levels too

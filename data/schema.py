@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pailitao.io import read_json
+from core.io import read_json
 
 ITEM_COLUMNS = {"item_id": "string", "title": "string", "category": "string",
                 "group_id": "string", "split": "string"}

@@ -19,7 +19,7 @@ import pandas as pd
 from data.images import ABSOLUTE, OUTSIDE, URL
 from data.schema import CATALOG_VIEW, CatalogError
 from data.taxonomy import DEFAULT_SEPARATOR, category_key, separator
-from pailitao.config import Paths, fingerprint
+from core.config import Paths, fingerprint
 
 OPENCLIPART_HINT = ("the openclipart catalog is missing at {root}: install it with "
                     "`sudo apt-get install -y openclipart-png` (Debian/Ubuntu), or choose another "

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-from pailitao.registry import EMBEDDER_NAMES, FINGERPRINT_TAG
+from retrieval.registry import EMBEDDER_NAMES, FINGERPRINT_TAG
 
 CONTROL, TREATMENT = "baseline_embedder", "embedding_model"
 CHAMPION, CHALLENGER = "champion", "challenger"

@@ -22,7 +22,7 @@ from matplotlib.ticker import FuncFormatter
 from PIL import Image, ImageOps
 
 from data.images import to_rgb_on_white
-from evaluation.calibration import expected_calibration_error, reliability
+from retrieval.calibration import expected_calibration_error, reliability
 
 THUMB_PX = 96
 NOISE_ORDER = ("clean", "mild", "hard")

@@ -28,7 +28,7 @@ def gallery(catalog: Catalog) -> pd.DataFrame:
 def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
     """The gallery and its [N, dim] (image, title) embeddings, streamed batch by batch with one
     progress bar, so memory holds one batch of decoded images, not the catalog."""
-    from pailitao.console import progress
+    from core.console import progress
 
     g = gallery(catalog)
     out = np.zeros((len(g), dim), dtype=np.float32)
@@ -45,7 +45,7 @@ def cached_gallery(cache_root: Path, model_fp: str, load_embedder, catalog: Cata
     the promotion gate, item_embeddings and reruns share one pass over the catalog; a retrained
     model or a new catalog version misses. load_embedder() is called only on a miss. The gallery
     gains `image`, the absolute image path."""
-    from pailitao.io import atomic_path
+    from core.io import atomic_path
 
     cache = Path(cache_root) / f"gallery-{model_fp}-{dim}-{catalog.meta['fingerprint']}"
     if (cache / "emb.npy").is_file():
@@ -166,7 +166,7 @@ def item_lexical_index(catalog: Catalog):
 def lineage_queries(params: dict, split: str = "test", per_level: int | None = None):
     """(catalog, query root, queries) of a lineage's query_sets: one split, at most per_level a group.
     Also points the tower feature cache at the lineage's (benchmarks re-embed its queries)."""
-    from pailitao.config import Paths
+    from core.config import Paths
     from training.vlm import use_feature_cache
 
     paths = Paths.from_params(params)

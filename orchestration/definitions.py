@@ -2,11 +2,11 @@
 from dagster import (AssetSelection, Definitions, JobDefinition, colored_console_logger, define_asset_job,
                      multiprocess_executor)
 
-from pailitao.console import quiet_libraries
+from core.console import quiet_libraries
 
 quiet_libraries()   # before the assets import faiss, mlflow, lightning; the step processes fork from here
 
-from orchestration import data_assets, evaluation_assets, model_assets, rerank_assets, retrieval_assets
+from orchestration import assets, automation, checks
 from orchestration.logs import stage_lines
 from orchestration.resources import default_resources
 
@@ -17,15 +17,13 @@ STEP_EXECUTOR = multiprocess_executor.configured(
     {"max_concurrent": 1, "start_method": {"forkserver": {"preload_modules": ["orchestration.definitions"]}}},
     name="one_step_per_process")
 
-# Runs the whole lineage; later domains add their assets to ASSETS and the job picks them up.
+# Runs the whole lineage (every asset pailitao/lineage.py declares).
 lineage_job = define_asset_job("lineage", selection=AssetSelection.all(), executor_def=STEP_EXECUTOR,
                                description="Materialize the whole Pailitao-VL lineage with its checks.")
 
-schedules, sensors, freshness_checks = evaluation_assets.schedule_and_sensors(lineage_job)
+schedules, sensors, freshness_checks = automation.schedule_and_sensors(lineage_job)
 
-defs = Definitions(assets=data_assets.ASSETS + model_assets.ASSETS + evaluation_assets.ASSETS[:1]
-                   + retrieval_assets.ASSETS + rerank_assets.ASSETS + evaluation_assets.ASSETS[1:],
-                   asset_checks=data_assets.CHECKS + retrieval_assets.CHECKS + list(freshness_checks),
+defs = Definitions(assets=assets.ASSETS, asset_checks=checks.CHECKS + list(freshness_checks),
                    jobs=[lineage_job], schedules=schedules, sensors=sensors, resources=default_resources(),
                    loggers={"console": colored_console_logger, "stage_lines": stage_lines})
 

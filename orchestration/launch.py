@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestration.logs import key_numbers
-from pailitao.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 
 def instance() -> DagsterInstance:

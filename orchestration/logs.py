@@ -1,6 +1,6 @@
 """The console of `pailitao demo`: one line per stage event in the CLI's format, instead of Dagster's
 colored DEBUG lines with run ids. Selected by the demo's run config (orchestration/launch.py); the
-UI's runs keep Dagster's own console logger. It also sets up pailitao/console.py in each step's
+UI's runs keep Dagster's own console logger. It also sets up core/console.py in each step's
 process, so a stage's own lines (items ingested, steps trained, recall) show as they do from
 `pailitao run`."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 
 from dagster import InitLoggerContext, logger
 
-from pailitao import console
+from core import console
 
 STAGE_EVENTS = {"STEP_START", "STEP_SUCCESS", "STEP_FAILURE", "ASSET_MATERIALIZATION",
                 "ASSET_CHECK_EVALUATION", "RUN_FAILURE"}

@@ -4,7 +4,7 @@ import os
 
 from dagster import ConfigurableResource
 
-from pailitao.config import dataset_override, deep_merge, load_params
+from core.config import dataset_override, deep_merge, load_params
 
 
 class PipelineConfig(ConfigurableResource):

@@ -9,8 +9,8 @@ import traceback
 from pathlib import Path
 
 from data.schema import CatalogError
-from pailitao import console
-from pailitao.config import ConfigError, Paths, dataset_override, deep_merge, load_params
+from core import console
+from core.config import ConfigError, Paths, dataset_override, deep_merge, load_params
 
 BAD_INPUT = (CatalogError, ConfigError, FileNotFoundError)   # exit 2; any other failure exits 1
 
@@ -57,9 +57,9 @@ def cmd_stage(args) -> int:
     params = _params(args)   # a bad --set fails at once, before the stages' heavy imports
 
     def work() -> int:
-        from pailitao.lineage import STAGES
+        from pailitao.lineage import stage_function
 
-        _print(STAGES[args.command](params).summary())
+        _print(stage_function(args.command)(params).summary())
         return 0
 
     return _logged(args.command, params, work)
@@ -73,9 +73,9 @@ def cmd_params(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from pailitao import stages
+    from pailitao.stages.data import check_raw_catalog
 
-    outcomes = stages.check_raw_catalog(_params(args))
+    outcomes = check_raw_catalog(_params(args))
     for o in outcomes:
         mark = "PASS" if o.passed else ("FAIL" if o.severity == "error" else "WARN")
         print(f"{mark:4}  {o.name:20} {o.description}")
@@ -101,7 +101,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from retrieval.pipeline import NotReady, QueryError, build_searcher
+    from retrieval.query import NotReady, QueryError
+    from retrieval.pipeline import build_searcher
 
     params = _params(args)
     image = Path(args.image).read_bytes() if args.image else None
@@ -126,14 +127,16 @@ def cmd_ab(args) -> int:
 
     params = deep_merge(_params(args), {"ab": {"enabled": True}})
     if args.ab_command == "build":
-        _print(ab.build_variant_indexes(params, args.force))
+        from pailitao.stages.retrieval import build_variant_indexes
+
+        _print(build_variant_indexes(params, ab.variants_from_params(params), args.force))
         return 0
     import pandas as pd
     from fastapi.testclient import TestClient
 
     from data.queries import image_queries
     from data.schema import Catalog
-    from pailitao.config import Paths
+    from core.config import Paths
     from serving.app import create_app
 
     cfg = deep_merge(params["ab"]["simulate"], {k: v for k, v in vars(args).items()
@@ -148,6 +151,17 @@ def cmd_ab(args) -> int:
     return 0
 
 
+def cmd_lineage(args) -> int:
+    from pailitao.lineage import LINEAGE, dvc_yaml
+
+    if args.dvc:
+        print(dvc_yaml(), end="")
+        return 0
+    for s in LINEAGE:
+        print(f"{s.name:22} {s.domain:11} <- {', '.join(s.deps) or '(catalog source)'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     _params(args)   # a bad profile or --set key fails here, before Dagster is even imported
     from orchestration.launch import run_job
@@ -156,7 +170,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pailitao.lineage import stage_help   # not STAGES: --help must not wait for torch
+    from pailitao.lineage import stage_help   # parsed from source: --help must not wait for torch
 
     p = argparse.ArgumentParser(prog="pailitao", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -180,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the whole lineage on a catalog; writes OUT/summary.json, metrics.json, report.html")
     common(run, workdir=False)
     run.add_argument("--out", required=True, help="output directory (its data/ holds every artifact)")
+    lin = sub.add_parser("lineage", help="print the stages in run order with their upstream stages")
+    lin.add_argument("--dvc", action="store_true", help="print dvc.yaml, generated from the lineage")
     common(sub.add_parser("demo", help="materialize the Dagster lineage job into the local instance"),
            workdir=False)
     search = sub.add_parser("search", help="search the published index with an image and/or text; prints JSON")
@@ -208,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console.setup(quiet=args.quiet, verbose=args.verbose)   # the log on stderr; stdout: the command's JSON
     handlers = {"params": cmd_params, "validate": cmd_validate, "run": cmd_run, "demo": cmd_demo,
-                "search": cmd_search, "serve": cmd_serve, "ab": cmd_ab}
+                "search": cmd_search, "serve": cmd_serve, "ab": cmd_ab, "lineage": cmd_lineage}
     try:
         return handlers.get(args.command, cmd_stage)(args)
     except BAD_INPUT as e:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pailitao.io import read_json, write_json
+from core.io import read_json, write_json
 
 FUSION_FILE = "fusion.json"
 EPS = 1e-6

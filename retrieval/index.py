@@ -56,7 +56,7 @@ from typing import NamedTuple
 import faiss
 import numpy as np
 
-from pailitao.io import owner_tag, process_gone
+from core.io import owner_tag, process_gone
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,6 @@ Bad input raises a `QueryError` subclass carrying the HTTP status it maps to.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import os
 import threading
@@ -29,282 +27,14 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from data import images as imgs
-from pailitao.config import Paths, resolve
+from core.config import Paths
 from retrieval.index import IndexReader, Loaded
 from retrieval.lexical import HybridConfig, LexicalIndex, hybrid_merge
+from retrieval.models import ModelInfo, build_reranker, load_embedder, pair_with_index, published_meta
+from retrieval.query import EmptyQuery, NotReady, QueryError, QueryLimits, TooLarge, UnknownItem, decode_query_image
 
 log = logging.getLogger(__name__)
 
-LINEAGE_MODELS = ("embedding_model", "baseline_embedder", "stage1_embedder")
-CHAMPION, PROMOTABLE = "champion", ("embedding_model", "baseline_embedder")
-
-
-# ------------------------------------------------------------------------------------------ errors
-class QueryError(ValueError):
-    """Bad query input; `status` is the HTTP status it maps to, `code` a stable machine name."""
-
-    status, code = 400, "bad_request"
-
-
-class EmptyQuery(QueryError):
-    status, code = 422, "empty_query"
-
-
-class UnsupportedImage(QueryError):
-    status, code = 415, "unsupported_image"
-
-
-class CorruptImage(QueryError):
-    status, code = 400, "corrupt_image"
-
-
-class UnusableImage(QueryError):
-    status, code = 400, "unusable_image"
-
-
-class TooLarge(QueryError):
-    status, code = 413, "too_large"
-
-
-class UnknownItem(QueryError):
-    status, code = 404, "unknown_item"
-
-
-class NotReady(RuntimeError):
-    """No index is loaded yet (nothing published, or only indexes built by another model)."""
-
-
-class NothingToServe(FileNotFoundError):
-    """No published index, or no checkpoint (here or in the registry) that built it: a service
-    cannot start. A FileNotFoundError, so the CLI says it in one line with exit code 2."""
-
-
-# ------------------------------------------------------------------------------------------ decode
-@dataclass(frozen=True)
-class QueryLimits:
-    max_bytes: int = 10 * 2**20
-    max_pixels: int = 25_000_000
-    min_side: int = 12
-    max_aspect: float = 20.0
-    max_side: int = 384                 # normalized like the catalog: RGB on white, longest side
-    formats: tuple = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-    max_text_chars: int = 500
-
-    @classmethod
-    def from_params(cls, params: dict) -> "QueryLimits":
-        cfg = dict(params["serving"]["limits"])
-        cfg["max_side"] = cfg.get("max_side") or params["ingest"]["max_side"]
-        cfg["formats"] = tuple(f.upper() for f in cfg.get("formats", cls.formats))
-        return cls(**cfg)
-
-
-# data/images.py reasons -> the error a client gets
-_REASONS = {imgs.EMPTY: EmptyQuery, imgs.TOO_LARGE_FILE: TooLarge, imgs.NOT_IMAGE: UnsupportedImage,
-            imgs.CORRUPT: CorruptImage, imgs.TOO_MANY_PIXELS: TooLarge, imgs.TOO_SMALL: UnusableImage,
-            imgs.BAD_ASPECT: UnusableImage}
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The format named by the header (no pixels decoded); None when Pillow knows none."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format
-    except Exception:  # noqa: BLE001 - unknown or broken header: open_checked names the reason
-        return None
-
-
-def decode_query_image(data: bytes, limits: QueryLimits) -> Image.Image:
-    """Untrusted bytes -> RGB on white, longest side limits.max_side. Sizes and the format are
-    checked from the header before any pixel is decoded (decompression bombs cost nothing)."""
-    if len(data) > limits.max_bytes:
-        raise TooLarge(f"image is {len(data)} bytes; the limit is {limits.max_bytes}")
-    fmt = sniff_format(data)
-    if fmt is not None and fmt not in limits.formats:
-        raise UnsupportedImage(f"unsupported image format {fmt}; accepted: {', '.join(limits.formats)}")
-    cfg = {"max_bytes": limits.max_bytes, "max_pixels": limits.max_pixels, "min_side": limits.min_side,
-           "max_aspect": limits.max_aspect}
-    try:
-        im = imgs.open_checked(data, cfg)
-    except imgs.BadImage as e:
-        reason = str(e)
-        cls = next((c for r, c in _REASONS.items() if reason.startswith(r)), CorruptImage)
-        raise cls(f"image rejected: {reason}") from None
-    try:
-        return imgs.to_rgb_on_white(im, limits.max_side)
-    except Exception as e:  # noqa: BLE001 - e.g. a palette image whose pixels fail to convert
-        raise CorruptImage(f"image rejected: {imgs.CORRUPT} ({type(e).__name__}: {e})") from None
-
-
-# ------------------------------------------------------------------------------------------ models
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str           # embedding_model, baseline_embedder, ... or the directory given
-    source: str         # models:/<registered>@<alias> or the local directory
-    path: str           # the checkpoint directory loaded
-    fingerprint: str    # model_fingerprint(path): what an index records as its model_version
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """A content hash of a checkpoint directory that survives copies (an MLflow download): config
-    files in full, and of every weight file its size plus its first and last MiB (hashing a
-    16 GB checkpoint in full would take a minute at every start)."""
-    path, h = Path(path), hashlib.sha256()
-    for f in sorted(path.iterdir()):
-        if not f.is_file():
-            continue
-        h.update(f.name.encode())
-        if f.suffix == ".json":
-            h.update(f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin", ".pt"):
-            size = f.stat().st_size
-            h.update(str(size).encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(2**20))
-                fh.seek(max(0, size - 2**20))
-                h.update(fh.read(2**20))
-    return h.hexdigest()[:16]
-
-
-def _download(params: dict, name: str, version: str) -> Path:
-    """The checkpoint directory of models:/name/version, downloaded once into data/processed/.registry/."""
-    import mlflow
-
-    from pailitao.io import atomic_path
-    from pailitao.tracking import tracking_uri
-
-    dest = Paths.from_params(params).processed / ".registry" / f"{name}-v{version}"
-    if not (dest / "artifacts" / "model").is_dir():
-        mlflow.set_tracking_uri(tracking_uri(params))
-        with atomic_path(dest) as tmp:
-            tmp.mkdir(parents=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(tmp))
-    return dest / "artifacts" / "model"
-
-
-def _registry_dir(params: dict, model: str, alias: str | None) -> tuple[Path, str] | None:
-    """(checkpoint dir, models:/ uri) of <registered name of model>@alias; None when there is no
-    such registered model or alias."""
-    from pailitao.registry import EMBEDDER_NAMES
-
-    name = EMBEDDER_NAMES.get(model)
-    if not alias or not name:
-        return None
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from pailitao.tracking import tracking_uri
-
-    try:
-        version = mlflow.MlflowClient(tracking_uri(params)).get_model_version_by_alias(name, alias).version
-    except MlflowException:
-        return None   # no such registered model or alias: serve the lineage's checkpoint
-    return _download(params, name, str(version)), f"models:/{name}@{alias} (version {version})"
-
-
-def resolve_model(params: dict, model: str | None = None) -> ModelInfo:
-    """The embedder to serve: `model` (default params serving.model) is `champion` (the registered
-    embedder holding that alias, else serving.fallback_model), a lineage stage name or a local
-    checkpoint directory. For a stage, the registered model's `serving.registry_alias`
-    (champion) wins when it exists, else data/processed/<stage>/model. item_embeddings resolves
-    through here, so the index is built by the model that embeds queries; a service serves an
-    index through pair_with_index, as the champion may since have moved to another run's model."""
-    model = model or params["serving"]["model"]
-    if model == CHAMPION:   # whichever embedder the promotion gate made champion (evaluation/promotion.py)
-        for stage in PROMOTABLE:
-            found = _registry_dir(params, stage, params["serving"].get("registry_alias") or CHAMPION)
-            if found:
-                return ModelInfo(stage, found[1], str(found[0]), model_fingerprint(found[0]))
-        model = params["serving"]["fallback_model"]   # nothing promoted yet
-    if model in LINEAGE_MODELS:
-        found = _registry_dir(params, model, params["serving"].get("registry_alias"))
-        if found:
-            path, source = found
-        else:
-            path = Paths.from_params(params).asset(model) / "model"
-            source = str(path)
-    else:
-        path = resolve(params, model)
-        source = str(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {model!r}: checkpoint directory {path} not found "
-                                f"(run `pailitao {model}` first)" if model in LINEAGE_MODELS else
-                                f"model directory {path} not found")
-    return ModelInfo(model, str(source), str(path), model_fingerprint(path))
-
-
-def model_by_fingerprint(params: dict, fp: str) -> ModelInfo | None:
-    """The checkpoint whose fingerprint is `fp` (what an index records as its model_version): a
-    lineage stage's own, else the newest registered embedder version tagged with it; None if none."""
-    paths = Paths.from_params(params)
-    for stage in LINEAGE_MODELS:
-        path = paths.asset(stage) / "model"
-        if path.is_dir() and model_fingerprint(path) == fp:
-            return ModelInfo(stage, str(path), str(path), fp)
-    if not fp.isalnum():   # it goes into a registry filter; an index from before fingerprints has ""
-        return None
-    import mlflow
-
-    from pailitao.registry import EMBEDDER_NAMES, FINGERPRINT_TAG
-    from pailitao.tracking import tracking_uri
-
-    stages = {name: stage for stage, name in EMBEDDER_NAMES.items()}
-    tagged = [v for v in mlflow.MlflowClient(tracking_uri(params)).search_model_versions(
-        f"tags.`{FINGERPRINT_TAG}` = '{fp}'") if v.name in stages]
-    if not tagged:
-        return None
-    v = max(tagged, key=lambda v: int(v.version))
-    path = _download(params, v.name, str(v.version))
-    return ModelInfo(stages[v.name], f"models:/{v.name}/{v.version}", str(path), model_fingerprint(path))
-
-
-def published_meta(index_dir: str | Path) -> dict:
-    """meta.json of the index version CURRENT names; FileNotFoundError when nothing is published."""
-    from pailitao.io import read_json
-    from retrieval.index import current_version
-
-    return read_json(Path(index_dir) / "versions" / current_version(index_dir) / "meta.json")
-
-
-def pair_with_index(params: dict, model: str | None, index_dir: str | Path) -> tuple[ModelInfo, int]:
-    """(embedder, dim) that serve the published index in index_dir: the index's dim, and the model
-    `model` resolves to only when it built the index, else the checkpoint that did (a lineage
-    stage's, or the registered version tagged with its fingerprint): the registry's champion may
-    come from a run on another catalog or profile, and an index is only searchable by its own model.
-    NothingToServe (one line, naming the command that fixes it) when there is no such pair."""
-    paths, profile = Paths.from_params(params), params.get("profile") or "demo"
-    lineage = Path(index_dir) == paths.asset("ann_index")
-    try:
-        meta = published_meta(index_dir)
-    except (FileNotFoundError, ValueError) as e:
-        make = (f"`pailitao run --profile {profile} --out {paths.workdir}`" if lineage else
-                f"`pailitao ab build --profile {profile} --workdir {paths.workdir}`")
-        raise NothingToServe(f"nothing to serve: {e}; make one with {make}") from None
-    dim, built_by = int(meta["dim"]), meta.get("model_version") or ""
-    try:
-        info, why = resolve_model(params, model), ""
-    except FileNotFoundError as e:
-        info, why = None, str(e)   # no checkpoint of its own: the one that built the index may be found
-    if info is not None and (info.fingerprint == built_by or not params["serving"]["require_model_match"]):
-        return info, dim
-    found = model_by_fingerprint(params, built_by)
-    if found is None:
-        opts = f"--profile {profile} --workdir {paths.workdir}"
-        fix = (f"`pailitao item_embeddings {opts}` then `pailitao ann_index {opts}`" if lineage else
-               f"`pailitao ab build --force {opts}`")
-        raise NothingToServe(f"nothing to serve: the index in {index_dir} (version {meta['version']}) was built by "
-                             f"model {built_by or '?'}, which no checkpoint here or in the registry is "
-                             f"({why or f'{info.source} is {info.fingerprint}'}); rebuild it for the served "
-                             f"model: {fix}")
-    log.warning("%s did not build the index in %s; serving %s, which did", info.source if info else model,
-                index_dir, found.source)
-    return found, dim
-
-
-def load_embedder(info: ModelInfo):
-    from training.backbone import MLLMEmbedder
-
-    return MLLMEmbedder.from_pretrained(info.path)
 
 
 # ------------------------------------------------------------------------------------------ items
@@ -603,24 +333,17 @@ class Searcher:
 
 
 # ------------------------------------------------------------------------------------------ wiring
-def variant_dirs(params: dict, model: str, variant: str | None = None) -> tuple[Path, Path]:
-    """(item_embeddings dir, ann_index dir) serving `model`: the lineage's for serving.model (or the
-    champion it resolves to), else data/processed/ab/<variant>/ (built by `pailitao ab build`)."""
-    paths, served = Paths.from_params(params), params["serving"]["model"]
-    if variant is None or model == served or (served == CHAMPION and model == resolve_model(params).name):
-        return paths.asset("item_embeddings"), paths.asset("ann_index")
-    return paths.processed / "ab" / variant / "item_embeddings", paths.processed / "ab" / variant / "ann_index"
+FROM_PARAMS = object()   # build_searcher's reranker: the one serving.rerank names
 
 
 def build_searcher(params: dict, model: str | None = None, embeddings_dir: str | Path | None = None,
-                   index_dir: str | Path | None = None, reranker: Reranker | None = None,
+                   index_dir: str | Path | None = None, reranker: Reranker | None = FROM_PARAMS,
                    embedder=None, info: ModelInfo | None = None, dim: int | None = None) -> Searcher:
     """A Searcher from params (serving.*), loaded with the current index. Without `info`, the model
     and dim are those the index was built with (pair_with_index); with it, dim defaults to the
     published index's (else model.served_dim)."""
-    s = params["serving"]
-    default_emb, default_index = variant_dirs(params, model or s["model"])   # the lineage's
-    index_dir = index_dir or default_index
+    s, paths = params["serving"], Paths.from_params(params)
+    index_dir = index_dir or paths.asset("ann_index")   # the lineage's
     if info is None:
         info, dim = pair_with_index(params, model, index_dir)
     elif dim is None:
@@ -628,10 +351,10 @@ def build_searcher(params: dict, model: str | None = None, embeddings_dir: str |
             dim = published_meta(index_dir)["dim"]
         except (FileNotFoundError, ValueError):
             dim = params["model"]["served_dim"]   # nothing published yet: refresh() picks it up later
-    if reranker is None:
-        from retrieval.rerank_stages import build_reranker
+    if reranker is FROM_PARAMS:
         reranker = build_reranker(params)
-    searcher = Searcher(embedder or load_embedder(info), info, index_dir, embeddings_dir or default_emb, dim,
+    searcher = Searcher(embedder or load_embedder(info), info, index_dir,
+                        embeddings_dir or paths.asset("item_embeddings"), dim,
                         QueryLimits.from_params(params), reranker, s["candidates"],
                         s["require_model_match"], params["ann_index"].get("use_gpu", "auto"),
                         HybridConfig.from_params(params))

@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from evaluation.calibration import Calibrator
-from pailitao.io import read_json
+from retrieval.calibration import Calibrator
+from core.io import read_json
 from retrieval.fusion import FUSION_FILE, Fusion, features, fused_order
 from retrieval.merge import assign_chunks, merge
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker

@@ -56,23 +56,6 @@ def assign(unit_id: str, salt: str, variants: list[Variant]) -> Variant:
     return [v for v in variants if v.weight > 0][-1]   # u == total only through rounding
 
 
-def build_variant_indexes(params: dict, force: bool = False) -> dict:
-    """item_embeddings + ann_index (the lineage's stage functions) for every variant that has no
-    index of its own yet: the variant serving serving.model uses the lineage's."""
-    from retrieval.pipeline import variant_dirs
-    from retrieval.stages import ann_index, item_embeddings
-
-    out = {}
-    for v in variants_from_params(params):
-        emb_dir, index_dir = variant_dirs(params, v.model, v.name)
-        if (index_dir / "CURRENT").is_file() and not force:
-            out[v.name] = {"path": str(index_dir), "built": False}
-            continue
-        item_embeddings(params, model=v.model, out=emb_dir)
-        out[v.name] = {**ann_index(params, embeddings=emb_dir, out=index_dir).summary(), "built": True}
-    return out
-
-
 # ------------------------------------------------------------------------------------ event log
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS impressions (

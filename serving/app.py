@@ -50,9 +50,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from pailitao.config import Paths
-from retrieval.pipeline import (RERANK_PARTS, NotReady, QueryError, Searcher, TooLarge, UnknownItem, build_searcher,
-                                load_embedder, variant_dirs)
+from core.config import Paths
+from retrieval.query import NotReady, QueryError, TooLarge, UnknownItem
+from retrieval.models import CHAMPION, build_reranker, load_embedder, pair_with_index, resolve_model, variant_dirs
+from retrieval.pipeline import RERANK_PARTS, Searcher, build_searcher
 from serving.ab import EventLog, UnknownImpression, Variant, assign, variants_from_params
 
 log = logging.getLogger(__name__)
@@ -233,19 +234,20 @@ class Guard:
 def build_searchers(params: dict, variants: list[Variant] | None = None) -> dict[str, Searcher]:
     """One Searcher per variant over its own published index, with the model and dim that index was
     built with (pair_with_index: the registry's champion may be another run's model, at another
-    dim); variants serving the same checkpoint share one loaded embedder. NothingToServe when a
-    variant has no index or no checkpoint that built it."""
-    from retrieval.pipeline import pair_with_index
-
+    dim). Variants serving the same checkpoint share one loaded embedder, and all share one
+    reranker; the champion is resolved once. NothingToServe when a variant has no index or no
+    checkpoint that built it."""
     variants = variants or variants_from_params(params)
+    champion = resolve_model(params).name if params["serving"]["model"] == CHAMPION and len(variants) > 1 else None
+    reranker = build_reranker(params)
     embedders, out = {}, {}
     for v in variants:
-        emb_dir, index_dir = variant_dirs(params, v.model, None if v.name == "default" else v.name)
+        emb_dir, index_dir = variant_dirs(params, v.model, None if v.name == "default" else v.name, champion)
         info, dim = pair_with_index(params, v.model, index_dir)
         if info.fingerprint not in embedders:
             embedders[info.fingerprint] = load_embedder(info)
         out[v.name] = build_searcher(params, v.model, emb_dir, index_dir, embedder=embedders[info.fingerprint],
-                                     info=info, dim=dim)
+                                     info=info, dim=dim, reranker=reranker)
     return out
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
-from pailitao.config import deep_merge, load_params
+from core.config import deep_merge, load_params
 
 
 @pytest.fixture
@@ -142,12 +142,13 @@ def tiny_lineage(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_ab(tiny_lineage) -> dict:
     """tiny_lineage with the A/B split on and the control's own index built (pailitao ab build)."""
-    from serving.ab import build_variant_indexes
+    from pailitao.stages.retrieval import build_variant_indexes
+    from serving.ab import variants_from_params
 
     params = deep_merge(tiny_lineage, {"ab": {"enabled": True}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", params["mlflow"]["tracking_uri"])
-        build_variant_indexes(params)
+        build_variant_indexes(params, variants_from_params(params))
     return params
 
 
@@ -207,7 +208,7 @@ def tiny_query_sets(tmp_path_factory):
     from data.queries import build_query_sets
     from data.sources import load_source
     from data.splits import assign_splits
-    from pailitao.config import Paths
+    from core.config import Paths
 
     root = tmp_path_factory.mktemp("tiny_query_sets")
     params = load_params("tiny", {"workdir": str(root / "work")})

@@ -76,7 +76,7 @@ def one_step(head, rank: int, world: int, step: int = 0) -> dict:
 def run_a(rank: int, world: int, out: Path) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from training.sharded_head import ShardedPrototypeHead as Head
+    from training.head import ShardedPrototypeHead as Head
     res = {}
     res["full"] = one_step(Head(rows(), **head_kwargs(knn_fraction=1.0)), rank, world)
     res["knn"] = one_step(Head(rows(), **head_kwargs(knn_fraction=0.2)), rank, world)
@@ -125,7 +125,7 @@ def run_a(rank: int, world: int, out: Path) -> dict:
 
 
 def run_b(rank: int, world: int, out: Path, pre=None) -> dict:
-    from training.sharded_head import ShardedPrototypeHead as Head
+    from training.head import ShardedPrototypeHead as Head
     res = {"shard": one_step(pre.shard(), rank, world)}   # built at world size 1 before the group existed
     for name in ("ckpt_w2", "ckpt_w1"):
         head = Head(rows() * 0 + 1, **head_kwargs(knn_fraction=0.2, refresh_steps=2), build_graph=False)
@@ -137,7 +137,7 @@ def run_b(rank: int, world: int, out: Path, pre=None) -> dict:
 
 def main(run: str, rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
-    from training.sharded_head import ShardedPrototypeHead as Head
+    from training.head import ShardedPrototypeHead as Head
     torch.set_num_threads(1)
     pre = Head(rows(), **head_kwargs(knn_fraction=0.2)) if run == "b" else None
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from scipy.stats import chisquare
 
 from pailitao.cli import main
-from pailitao.config import Paths, deep_merge
-from retrieval.pipeline import resolve_model, variant_dirs
+from core.config import Paths, deep_merge
+from retrieval.models import resolve_model, variant_dirs
 from serving.ab import EventLog, UnknownImpression, Variant, assign, bucket, variants_from_params
 from serving.app import create_app
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pailitao.config import load_params
+from core.config import load_params
 from training.backbone import (EMB_TOKEN, FAMILIES, SPECIAL_TOKENS, SYSTEM_PROMPT, MLLMEmbedder,
                                build_tokenizer, mrl_prefix)
 

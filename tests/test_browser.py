@@ -12,7 +12,7 @@ from PIL import Image
 from data.noise import noise_image
 from data.schema import Catalog
 from evaluation.retrieval import gallery
-from pailitao.config import Paths
+from core.config import Paths
 from retrieval.pipeline import build_searcher
 from serving.ab import EventLog
 from serving.app import create_app

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pailitao.config import Paths
+from core.config import Paths
 from tests.conftest import free_port
 from tests.test_browser import browser, pytestmark  # noqa: F401  (fixture + chromium skip marker)
 

@@ -1,4 +1,4 @@
-"""Post-hoc calibration of the instance-match probability (evaluation.calibration)."""
+"""Post-hoc calibration of the instance-match probability (retrieval.calibration)."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from scipy.special import expit, logit
 from sklearn.isotonic import IsotonicRegression
 
-from evaluation.calibration import (Calibrator, calibration_report, expected_calibration_error,
+from retrieval.calibration import (Calibrator, calibration_report, expected_calibration_error,
                                     fit_calibrator, reliability)
 
 
@@ -108,7 +108,7 @@ def test_temperature_handles_exact_zero_and_one():
 ])
 @pytest.mark.parametrize("kind", ["temperature", "isotonic"])
 def test_degenerate_inputs_give_identity(caplog, prob, label, why, kind):
-    with caplog.at_level(logging.WARNING, logger="evaluation.calibration"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.calibration"):
         cal = fit_calibrator(prob, label, kind=kind)
     assert cal.kind == "identity"
     assert why in caplog.text

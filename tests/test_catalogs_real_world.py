@@ -17,8 +17,8 @@ from data.schema import CatalogError
 from data.sources import ROW, load_manifest, load_source
 from data.taxonomy import category_key
 from data.validation import failed_errors, validate_catalog, validate_tables
-from pailitao import stages
-from pailitao.config import Paths, load_params
+from pailitao.stages import data as stages
+from core.config import Paths, load_params
 from tests.conftest import write_manifest
 from tests.test_validation import PARAMS, by_name, make_tables
 

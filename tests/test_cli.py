@@ -100,15 +100,15 @@ def test_unknown_profile_is_a_clear_error(tmp_path, capsys):
 
 def test_parser_lists_every_stage_without_importing_torch():
     """`pailitao --help` reads the stage registries from source: the same names, order and help as
-    the imported STAGES, without the seconds torch takes to import."""
+    the imported stage functions, without the seconds torch takes to import."""
     import subprocess
     import sys
 
-    from pailitao.config import REPO_ROOT
-    from pailitao.lineage import STAGES, stage_help
+    from core.config import REPO_ROOT
+    from pailitao.lineage import NAMES, stage_function, stage_help
 
-    assert list(stage_help()) == list(STAGES)
-    assert all(stage_help()[n] == fn.__doc__.strip().splitlines()[0] for n, fn in STAGES.items())
+    assert list(stage_help()) == list(NAMES)
+    assert all(stage_help()[n] == stage_function(n).__doc__.strip().splitlines()[0] for n in NAMES)
     probe = ("import sys; from pailitao.cli import build_parser; build_parser().format_help(); "
              "print(sorted(m for m in ('torch', 'transformers', 'lightning', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, check=True)

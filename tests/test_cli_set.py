@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from pailitao.cli import build_parser, main
-from pailitao.config import ConfigError, deep_merge, load_params, set_overrides
+from core.config import ConfigError, deep_merge, load_params, set_overrides
 from pailitao.lineage import stage_help
 
 TYPED = ["serving.top_k=7", "train.stage3_lr=2e-5", "reranker.fusion=false", "queries.levels=[clean, hard]"]
@@ -109,7 +109,7 @@ def test_dagster_run_config_carries_set_to_the_pipeline_resource(monkeypatch):
 
 
 def test_a_bare_separator_is_kept_not_read_as_a_yaml_block_indicator():
-    from pailitao.config import set_overrides
+    from core.config import set_overrides
 
     assert set_overrides(["dataset.category_separator=>"]) == {"dataset": {"category_separator": ">"}}
     assert set_overrides(["dataset.category_separator=|"]) == {"dataset": {"category_separator": "|"}}

@@ -1,4 +1,4 @@
-"""The console (pailitao/console.py): library chatter silenced at its source, one handler and so one
+"""The console (core/console.py): library chatter silenced at its source, one handler and so one
 line per event, bars off under quiet, and a failed stage's one line pointing at its full log."""
 import logging
 import re
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pailitao import console
+from core import console
 from pailitao.cli import main
-from pailitao.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)
@@ -66,8 +66,8 @@ def test_setup_twice_leaves_one_handler_and_one_line_per_event(capsys):
 
 
 def test_registering_a_model_is_one_log_line_not_mlflow_prints(tmp_path, make_params, capsys):
-    from pailitao.registry import EMBEDDER_NAMES, log_embedder
-    from pailitao.tracking import start_run
+    from retrieval.registry import EMBEDDER_NAMES, log_embedder
+    from core.tracking import start_run
 
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
@@ -129,12 +129,10 @@ def _failed_line(err: str) -> re.Match:
 
 
 def test_a_failing_stage_ends_in_one_line_with_its_log(tmp_path, mlflow_uri, monkeypatch, capsys):
-    from pailitao import lineage
-
     def boom(params):
         raise RuntimeError("the splits exploded\nsecond line only in the log")
 
-    monkeypatch.setitem(lineage._stages(), "splits", boom)
+    monkeypatch.setattr("pailitao.stages.data.splits", boom)
     code = main(["splits", "--profile", "tiny", "--workdir", str(tmp_path / "w")])
     assert code == 1
     m = _failed_line(capsys.readouterr().err)
@@ -156,12 +154,10 @@ def test_bad_input_fails_the_same_way_with_exit_2(tmp_path, mlflow_uri, capsys):
 
 
 def test_run_names_the_stage_that_failed(tmp_path, mlflow_uri, monkeypatch, capsys):
-    from pailitao import lineage
-
     def boom(params):
         raise ValueError("no images")
 
-    monkeypatch.setitem(lineage._stages(), "raw_catalog", boom)
+    monkeypatch.setattr("pailitao.stages.data.raw_catalog", boom)
     assert main(["run", "--profile", "tiny", "--dataset", "synthetic", "--out", str(tmp_path / "o")]) == 1
     m = _failed_line(capsys.readouterr().err)
     assert m.groups()[:3] == ("run (stage raw_catalog)", "ValueError", "no images")
@@ -170,7 +166,7 @@ def test_run_names_the_stage_that_failed(tmp_path, mlflow_uri, monkeypatch, caps
 
 FIT = """
 import logging, sys, tempfile
-from pailitao import console
+from core import console
 console.setup()
 import lightning as L, torch
 from torch import nn

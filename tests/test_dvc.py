@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from pailitao.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 
 def _run(cmd, cwd, env):
@@ -23,7 +23,7 @@ def test_dvc_repro_runs_the_lineage_on_the_tiny_profile(tmp_path):
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["profile"] = "tiny"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for pkg in ("data", "training", "retrieval", "evaluation"):  # the code deps dvc.yaml hashes
+    for pkg in ("core", "data", "training", "retrieval", "evaluation", "pailitao"):  # the code deps dvc.yaml hashes
         shutil.copytree(REPO_ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("raw", "processed", "__pycache__"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "DVC_NO_ANALYTICS": "1"}

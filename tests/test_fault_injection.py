@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pailitao.config import REPO_ROOT, load_params
+from core.config import REPO_ROOT, load_params
 from retrieval import index as ix
 from tests.test_training import LossRecorder, _dataset, tiny  # noqa: F401 - tiny: the module fixture
 from training.data import RandomBatchSampler
@@ -112,7 +112,8 @@ def temps(root: Path) -> list[str]:
 
 def searcher(root: Path, tmp_path: Path):
     """The service's Searcher over root (no embedder: refresh() is what is tested)."""
-    from retrieval.pipeline import ModelInfo, Searcher
+    from retrieval.models import ModelInfo
+    from retrieval.pipeline import Searcher
 
     emb = tmp_path / "item_embeddings"
     emb.mkdir()

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from training.data import SimilarPrototypeBatchSampler
-from training.sharded_head import ShardedPrototypeHead
+from training.head import ShardedPrototypeHead
 
 U, D = 512, 32
 
@@ -135,7 +135,7 @@ def test_views_of_one_sample_share_one_catalog_embedding():
 def test_library_shape_counts_members_and_instances_per_prototype():
     import pandas as pd
 
-    from pailitao.model_stages import library_shape
+    from pailitao.stages.embedding import library_shape
 
     items = pd.DataFrame({"item_id": ["a", "b", "c", "d", "e"], "group_id": ["g1", "g1", "g2", "g3", "g3"]})
     protos = pd.DataFrame({"members": [["a", "b", "c"], ["d"], ["e"]], "n_members": [3, 1, 1]})
@@ -147,7 +147,7 @@ def test_library_shape_counts_members_and_instances_per_prototype():
 
 def test_set_overrides_nest_keys_and_type_values_as_yaml():
     """benchmarks' --set section.key=value (bench_embedding, bench_id_head): one parser."""
-    from pailitao.config import set_overrides
+    from core.config import set_overrides
 
     got = set_overrides(["train.stage3_lr=2e-5", "margin.row_update=ema", "margin.knn_k=64", "seed=3"])
     assert got == {"train": {"stage3_lr": 2e-5}, "margin": {"row_update": "ema", "knn_k": 64}, "seed": 3}

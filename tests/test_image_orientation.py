@@ -8,8 +8,8 @@ import warnings
 from PIL import ExifTags, Image
 
 from data.images import decode_rgb, normalize_file
-from pailitao.config import REPO_ROOT
-from retrieval.pipeline import QueryLimits, decode_query_image
+from core.config import REPO_ROOT
+from retrieval.query import QueryLimits, decode_query_image
 
 CFG = {"max_bytes": 1 << 20, "max_pixels": 10_000_000, "min_side": 8, "max_aspect": 10.0, "max_side": 256}
 

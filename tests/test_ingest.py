@@ -11,8 +11,8 @@ from data.ingest import build_catalog
 from data.schema import Catalog
 from data.sources import load_manifest
 from data.validation import failed_errors, validate_catalog
-from pailitao import stages
-from pailitao.config import Paths
+from pailitao.stages import data as stages
+from core.config import Paths
 from tests.conftest import write_manifest
 
 BAD = {1: "empty", 2: "truncated", 3: "not_image", 4: "bomb", 5: "missing"}

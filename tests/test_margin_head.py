@@ -1,4 +1,5 @@
-"""training/margin_head.py: exactness against a full-softmax reference, selection, refresh, neighbours."""
+"""The reference PrototypeHead (tests/reference_head.py) and the KNN graph builder: exactness against a
+full-softmax reference, selection, refresh, neighbours."""
 from __future__ import annotations
 
 
@@ -6,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.reference_head import PrototypeHead
+from training.head import knn_graph
 from training.losses import margin_loss
-from training.margin_head import PrototypeHead, knn_graph
 
 DIMS, WEIGHTS = [4, 8], [1.0, 0.5]
 M, T = 0.2, 0.1

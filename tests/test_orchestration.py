@@ -10,11 +10,10 @@ from data.validation import CHECK_NAMES
 from orchestration.definitions import defs
 from orchestration.launch import decisions, execute
 from orchestration.logs import event_line, key_numbers
+from pailitao.lineage import NAMES
 from tests.conftest import write_manifest
 
-LINEAGE = ["raw_catalog", "validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder",
-           "semantic_prototypes", "embedding_model", "baseline_embedder", "embedding_promotion", "item_embeddings",
-           "ann_index", "reranker_dataset", "reranker_model", "reranker_pointwise", "ab_report"]
+LINEAGE = list(NAMES)   # pailitao/lineage.py: the one declaration
 FRESHNESS = {"embedding_model", "reranker_model", "ab_report"}   # assets under a freshness check
 
 

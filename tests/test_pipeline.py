@@ -13,12 +13,14 @@ from PIL import Image
 from data.schema import Catalog
 from evaluation.retrieval import cached_gallery, gallery
 from pailitao.cli import main
-from pailitao.config import Paths, deep_merge
-from pailitao.io import read_json
-from pailitao.registry import EMBEDDER_NAMES
+from core.config import Paths, deep_merge
+from core.io import read_json
+from retrieval.registry import EMBEDDER_NAMES
 from retrieval import index as ix
 from retrieval import pipeline as pl
-from retrieval.stages import ann_index, check_ann_index
+from retrieval import models as rm
+from retrieval import query as rq
+from pailitao.stages.retrieval import ann_index, check_ann_index
 from tests.conftest import image_bytes as png, plant_bad_image
 
 
@@ -42,9 +44,9 @@ def test_item_embeddings_and_index_cover_the_catalog(tiny_lineage, catalog):
     assert emb.shape == (len(g), tiny_lineage["model"]["served_dim"]) and meta["n"] == len(g)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
     assert list(items["image_id"]) == list(g["image_id"])
-    served = pl.resolve_model(tiny_lineage)   # the champion the promotion gate chose
+    served = rm.resolve_model(tiny_lineage)   # the champion the promotion gate chose
     assert meta["model"] == served.name in ("embedding_model", "baseline_embedder")
-    assert meta["model_version"] == served.fingerprint == pl.model_fingerprint(paths.asset(served.name) / "model")
+    assert meta["model_version"] == served.fingerprint == rm.model_fingerprint(paths.asset(served.name) / "model")
     assert (emb_dir.parent / items["image"].iloc[0]).is_file()   # paths resolve from the parent
     current = ix.load_current(paths.asset("ann_index"))
     assert current.meta["model_version"] == meta["model_version"] and current.index.ntotal == len(g)
@@ -59,11 +61,11 @@ def test_item_embeddings_reuse_the_gallery_the_promotion_gate_embedded(tiny_line
     meta = read_json(paths.asset("item_embeddings") / "meta.json")
     cached = paths.gallery_cache / f"gallery-{meta['model_version']}-{dim}-{catalog.meta['fingerprint']}"
     np.testing.assert_array_equal(np.load(cached / "emb.npy"), np.load(paths.asset("item_embeddings") / "embeddings.npy"))
-    served, loads = pl.resolve_model(tiny_lineage), []
+    served, loads = rm.resolve_model(tiny_lineage), []
 
     def load():
         loads.append(1)
-        return pl.load_embedder(served)
+        return rm.load_embedder(served)
 
     first = cached_gallery(tmp_path, served.fingerprint, load, catalog, dim)
     again = cached_gallery(tmp_path, served.fingerprint, load, catalog, dim)
@@ -86,25 +88,25 @@ def test_recall_check_fails_and_keeps_serving_the_previous_version(tiny_lineage,
 
 
 @pytest.mark.parametrize("kind, error", [
-    ("not_image", pl.UnsupportedImage), ("truncated", pl.CorruptImage), ("bomb", pl.TooLarge),
-    ("empty", pl.EmptyQuery)])
+    ("not_image", rq.UnsupportedImage), ("truncated", rq.CorruptImage), ("bomb", rq.TooLarge),
+    ("empty", rq.EmptyQuery)])
 def test_decode_rejects_bad_uploads_with_typed_errors(tmp_path, kind, error):
     path = tmp_path / "x.png"
     plant_bad_image(path, kind, Image.new("RGB", (64, 48), "red"))
     with pytest.raises(error):
-        pl.decode_query_image(path.read_bytes(), pl.QueryLimits())
+        rq.decode_query_image(path.read_bytes(), rq.QueryLimits())
 
 
 def test_decode_limits_formats_and_normalizes():
-    limits = pl.QueryLimits(max_bytes=5000, max_side=100, formats=("JPEG", "PNG"))
-    with pytest.raises(pl.UnsupportedImage, match="TIFF"):
-        pl.decode_query_image(png(Image.new("RGB", (40, 40)), "TIFF"), limits)
-    with pytest.raises(pl.TooLarge, match="bytes"):
-        pl.decode_query_image(png(Image.effect_noise((200, 200), 80).convert("RGB")), limits)
-    with pytest.raises(pl.UnusableImage, match="too small"):
-        pl.decode_query_image(png(Image.new("RGB", (5, 40))), limits)
+    limits = rq.QueryLimits(max_bytes=5000, max_side=100, formats=("JPEG", "PNG"))
+    with pytest.raises(rq.UnsupportedImage, match="TIFF"):
+        rq.decode_query_image(png(Image.new("RGB", (40, 40)), "TIFF"), limits)
+    with pytest.raises(rq.TooLarge, match="bytes"):
+        rq.decode_query_image(png(Image.effect_noise((200, 200), 80).convert("RGB")), limits)
+    with pytest.raises(rq.UnusableImage, match="too small"):
+        rq.decode_query_image(png(Image.new("RGB", (5, 40))), limits)
     rgba = Image.new("RGBA", (300, 150), (0, 0, 0, 0))
-    im = pl.decode_query_image(png(rgba), limits)
+    im = rq.decode_query_image(png(rgba), limits)
     assert im.mode == "RGB" and im.size == (100, 50) and im.getpixel((5, 5)) == (255, 255, 255)
 
 
@@ -125,9 +127,9 @@ def test_search_returns_distinct_items_with_metadata_and_latency(searcher, catal
     assert d["index_version"] == ix.current_version(Paths.from_params(tiny_lineage).asset("ann_index"))
     text_only = searcher.search(None, "handbag", k=3)
     assert len(text_only.results) == 3 and text_only.latency_ms["decode"] < 5
-    with pytest.raises(pl.EmptyQuery):
+    with pytest.raises(rq.EmptyQuery):
         searcher.search(b"", "  ")
-    with pytest.raises(pl.TooLarge):
+    with pytest.raises(rq.TooLarge):
         searcher.search(None, "x" * 10_000)
 
 
@@ -148,10 +150,10 @@ def test_reranker_hook_reorders_the_candidates(tiny_lineage, searcher):
 
 
 def test_an_index_built_by_another_model_is_refused(tiny_lineage, searcher):
-    info = pl.ModelInfo("other", "elsewhere", searcher.model.path, "0000000000000000")
+    info = rm.ModelInfo("other", "elsewhere", searcher.model.path, "0000000000000000")
     other = pl.Searcher(searcher.embedder, info, searcher.index_dir, searcher.embeddings_dir, searcher.dim)
     assert not other.refresh() and not other.ready and "built by model" in other.last_error
-    with pytest.raises(pl.NotReady, match="built by model"):
+    with pytest.raises(rq.NotReady, match="built by model"):
         other.search(None, "mug")
     lenient = pl.Searcher(searcher.embedder, info, searcher.index_dir, searcher.embeddings_dir, searcher.dim,
                           require_model_match=False)
@@ -161,13 +163,13 @@ def test_an_index_built_by_another_model_is_refused(tiny_lineage, searcher):
 def test_champion_alias_in_the_registry_wins(tiny_lineage):
     client = mlflow.MlflowClient(tiny_lineage["mlflow"]["tracking_uri"])
     name = EMBEDDER_NAMES["baseline_embedder"]
-    local = pl.resolve_model(deep_merge(tiny_lineage, {"serving": {"registry_alias": None}}), "baseline_embedder")
+    local = rm.resolve_model(deep_merge(tiny_lineage, {"serving": {"registry_alias": None}}), "baseline_embedder")
     assert local.source.endswith("baseline_embedder/model")
     version = max(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     aliases = client.get_model_version(name, str(version)).aliases   # the gate may have set it already
     client.set_registered_model_alias(name, "champion", version)
     try:
-        info = pl.resolve_model(tiny_lineage, "baseline_embedder")
+        info = rm.resolve_model(tiny_lineage, "baseline_embedder")
     finally:
         if "champion" not in aliases:
             client.delete_registered_model_alias(name, "champion")

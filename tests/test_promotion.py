@@ -9,7 +9,7 @@ import pytest
 from evaluation import promotion
 from evaluation.compare import compare
 from evaluation.metrics import latency_summary
-from pailitao.registry import EMBEDDER_NAMES
+from retrieval.registry import EMBEDDER_NAMES
 
 GATE = {"metric": "I-HR@1", "latency_stat": "p95", "latency_budget_ms": 10.0}
 
@@ -84,7 +84,7 @@ def test_apply_moves_the_aliases(registry, mlflow_uri):
 
 
 def test_apply_aliases_this_lineage_s_versions_not_another_run_s(registry, mlflow_uri, tmp_path):
-    from pailitao.registry import FINGERPRINT_TAG
+    from retrieval.registry import FINGERPRINT_TAG
 
     name = EMBEDDER_NAMES[promotion.TREATMENT]
     ours = registry.create_model_version(name, str(tmp_path / promotion.TREATMENT), tags={FINGERPRINT_TAG: "ours"})
@@ -99,7 +99,7 @@ def test_serving_champion_resolves_through_the_aliases(tiny_lineage, monkeypatch
     registered embedder holding the alias (a registry download, same checkpoint)."""
     import mlflow
 
-    from retrieval.pipeline import resolve_model
+    from retrieval.models import resolve_model
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tiny_lineage["mlflow"]["tracking_uri"])
     client = mlflow.MlflowClient(tiny_lineage["mlflow"]["tracking_uri"])

@@ -32,7 +32,7 @@ import torch
 import transformers
 from PIL import Image, ImageDraw
 
-from pailitao.config import load_params
+from core.config import load_params
 from training.backbone import EMB_TOKEN, SYSTEM_PROMPT, MLLMEmbedder
 
 QWEN_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""

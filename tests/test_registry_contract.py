@@ -22,12 +22,14 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from pailitao.cli import main
-from pailitao.config import REPO_ROOT, Paths, deep_merge
-from pailitao.io import read_json, write_json
-from pailitao.registry import EMBEDDER_NAMES, FINGERPRINT_TAG, RERANKER_NAMES, log_embedder
-from pailitao.tracking import start_run
+from core.config import REPO_ROOT, Paths, deep_merge
+from core.io import read_json, write_json
+from retrieval.registry import EMBEDDER_NAMES, FINGERPRINT_TAG, RERANKER_NAMES, log_embedder
+from core.tracking import start_run
 from retrieval import index as ix
 from retrieval import pipeline as pl
+from retrieval import models as rm
+from retrieval import query as rq
 from serving.app import build_searchers
 from tests.conftest import draw_product, free_port, image_bytes, plant_bad_image
 
@@ -79,8 +81,8 @@ def test_embedder_pyfunc_embeds_image_bytes_and_text_never_a_path(tiny_lineage, 
     np.testing.assert_allclose(out[0], out[1], atol=1e-6)            # bytes or base64: the same image
     assert not np.allclose(out[0], out[2], atol=1e-3)                # the third row is text only
     # the same embedding the search service computes for that upload
-    info = pl.resolve_model(tiny_lineage)
-    want = pl.load_embedder(info).encode([pl.decode_query_image(png, pl.QueryLimits.from_params(tiny_lineage))],
+    info = rm.resolve_model(tiny_lineage)
+    want = rm.load_embedder(info).encode([rq.decode_query_image(png, rq.QueryLimits.from_params(tiny_lineage))],
                                          ["red mug"], dim=dim)
     np.testing.assert_allclose(out[:1], want, atol=1e-5)
     path = tmp_path / "photo.png"
@@ -180,7 +182,7 @@ def test_a_champion_from_another_run_is_not_paired_with_this_index(tiny_lineage,
     store.set_registered_model_alias(name, "champion", new)
     try:
         params = _copy_index(elsewhere, tmp_path / "work")
-        assert pl.resolve_model(params).fingerprint != meta["model_version"]   # the new champion
+        assert rm.resolve_model(params).fingerprint != meta["model_version"]   # the new champion
         served = build_searchers(params)["default"]
         assert served.model.fingerprint == meta["model_version"] and served.dim == meta["dim"] == 32
         assert served.ready and served.search(None, "red mug").results
@@ -190,7 +192,7 @@ def test_a_champion_from_another_run_is_not_paired_with_this_index(tiny_lineage,
         root = Paths.from_params(orphan).asset("ann_index")
         vmeta = root / "versions" / ix.current_version(root) / "meta.json"
         write_json({**read_json(vmeta), "model_version": "0" * 16}, vmeta)
-        with pytest.raises(pl.NothingToServe, match="built by model 0000000000000000"):
+        with pytest.raises(rm.NothingToServe, match="built by model 0000000000000000"):
             build_searchers(orphan)
     finally:
         store.set_registered_model_alias(name, "champion", version)

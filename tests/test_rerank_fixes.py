@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from retrieval import rerank_stages as rs
+from pailitao.stages import reranking as rs
 from retrieval.fusion import Fusion, features, fused_order
 from tests.test_reranker import embedder_dir  # noqa: F401  (module fixture: a tiny embedder checkpoint)
 from training import rerank_data as rd

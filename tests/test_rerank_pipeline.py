@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pailitao.config import Paths, deep_merge
+from core.config import Paths, deep_merge
 from retrieval import pipeline as pl
-from retrieval.rerank_stages import build_reranker
+from retrieval.models import build_reranker
 from training.reranker import CALIBRATION_FILE
 
 
@@ -89,7 +89,7 @@ def test_registered_reranker_pyfunc_ranks_rows(tiny_lineage, catalog_first, monk
 
 
 def test_gated_rerank_follows_the_ab_report_gate(tiny_lineage, tmp_path):
-    from pailitao.io import read_json, write_json
+    from core.io import read_json, write_json
 
     paths = Paths.from_params(tiny_lineage)
     decision = read_json(paths.asset("ab_report") / "meta.json")["rerank_decision"]
@@ -117,7 +117,7 @@ def test_bad_rerank_config_is_named(tiny_lineage, tmp_path):
 
 def test_prf_by_group_matches_pooled_prf_and_splits_by_noise():
     from evaluation.metrics import precision_recall_f1
-    from retrieval.rerank_stages import prf, prf_by_group
+    from pailitao.stages.reranking import prf, prf_by_group
 
     # 3 queries x 3 slots; 9 = empty slot. Instance positives are level 0, concept 0 or 1.
     levels = np.array([[0, 1, 2], [2, 0, 9], [1, 2, 2]])

@@ -17,9 +17,9 @@ import mlflow
 import pytest
 import torch
 
-from pailitao.config import REPO_ROOT, load_params
-from pailitao.io import atomic_path
-from pailitao.tracking import artifact_location, artifact_root, start_run
+from core.config import REPO_ROOT, load_params
+from core.io import atomic_path
+from core.tracking import artifact_location, artifact_root, start_run
 
 
 class Tiny(L.LightningModule):
@@ -39,11 +39,11 @@ class Tiny(L.LightningModule):
 
 
 def train(work: str, hang: str = "-1") -> None:
-    """A training stage as pailitao/model_stages.py runs one, in `work`; with `hang`, it prints
+    """A training stage as pailitao/stages/embedding.py runs one, in `work`; with `hang`, it prints
     "ready" after that step and waits to be killed (the tests run it so in a child process)."""
     from lightning.pytorch.loggers import MLFlowLogger
 
-    from pailitao.tracking import tracking_uri
+    from core.tracking import tracking_uri
     from training.modules import fit, run_id_file
 
     params = load_params("tiny", {"workdir": work})
@@ -64,14 +64,14 @@ def train(work: str, hang: str = "-1") -> None:
 # stage processes that print "ready" and wait to be killed: one with its run open, one in the middle
 # of writing its output (they import no torch: a quick start)
 OPEN_RUN = """import sys, time
-from pailitao.config import load_params
-from pailitao.tracking import start_run
+from core.config import load_params
+from core.tracking import start_run
 with start_run("raw_catalog", load_params("tiny", {"workdir": sys.argv[1]}), log_params=False):
     print("ready", flush=True)
     time.sleep(120)
 """
 WRITER = """import sys, time
-from pailitao.io import atomic_path
+from core.io import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.mkdir()
     (tmp / "part.parquet").write_text("half written")
@@ -162,7 +162,7 @@ def test_a_run_left_running_by_a_dead_process_is_closed_at_the_next_start(make_p
             {"pailitao.stage": "raw_catalog"}))
     other_stage = client.create_run(exp, tags={"pailitao.stage": "splits", "pailitao.host": host,
                                                "pailitao.pid": str(_dead_pid())}).info.run_id
-    with caplog.at_level(logging.WARNING, "pailitao.tracking"), start_run("raw_catalog", params, log_params=False):
+    with caplog.at_level(logging.WARNING, "core.tracking"), start_run("raw_catalog", params, log_params=False):
         pass
     status = {r: client.get_run(r).info.status for r in (dead, alive, elsewhere, untagged, other_stage)}
     assert status == {dead: "KILLED", alive: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING",
@@ -183,7 +183,7 @@ def test_a_training_killed_with_sigkill_resumes_into_the_same_mlflow_run(tmp_pat
     [killed] = _runs("stage1_embedder")
     assert killed.info.status == "RUNNING" and killed.data.tags["pailitao.pid"] == str(pid)
 
-    with caplog.at_level(logging.INFO, "pailitao.tracking"):
+    with caplog.at_level(logging.INFO, "core.tracking"):
         train(str(work))   # the second start, here: its log lines are caplog's
     [run] = _runs("stage1_embedder")
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
@@ -204,7 +204,7 @@ def test_the_next_write_removes_what_a_killed_writer_left_and_only_that(tmp_path
     temps = lambda: sorted(p.name for p in tmp_path.glob(".raw_catalog.tmp-*"))
     assert len(temps()) == 3
     try:
-        with caplog.at_level(logging.WARNING, "pailitao.io"), atomic_path(final) as tmp:
+        with caplog.at_level(logging.WARNING, "core.io"), atomic_path(final) as tmp:
             tmp.mkdir()
         left = temps()
     finally:

@@ -15,9 +15,10 @@ from PIL import Image
 
 from data.schema import Catalog
 from evaluation.retrieval import gallery
-from pailitao.config import Paths, deep_merge
+from core.config import Paths, deep_merge
 from retrieval import index as ix
 from retrieval import pipeline as pl
+from retrieval import query as rq
 from serving.ab import EventLog
 from serving.app import create_app
 from tests.conftest import LiveServer, plant_bad_image
@@ -45,7 +46,7 @@ def app_with(params, searcher, tmp_path, **serving):
 @pytest.fixture
 def client(tiny_lineage, searcher, tmp_path):
     small = pl.Searcher(searcher.embedder, searcher.model, searcher.index_dir, searcher.embeddings_dir,
-                        searcher.dim, pl.QueryLimits(max_bytes=50_000))
+                        searcher.dim, rq.QueryLimits(max_bytes=50_000))
     small.refresh()
     with TestClient(app_with(tiny_lineage, small, tmp_path)) as c:
         yield c

@@ -12,8 +12,8 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from evaluation.ab_stages import online_ab
-from pailitao.config import deep_merge
+from pailitao.stages.evaluation import online_ab
+from core.config import deep_merge
 from retrieval import pipeline as pl
 from serving.ab import EventLog
 from serving.app import create_app

@@ -1,4 +1,4 @@
-"""training/sharded_head.py: the tensor-parallel prototype head against single-process references.
+"""training/head/: the tensor-parallel prototype head against single-process references.
 
 Two gloo runs of 2 CPU processes (tests/sharded_head_worker.py) are shared by the module: run "a"
 (exactness, DDP, graph, training with a checkpoint, bf16, bad input) and run "b" (resume and
@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from tests import sharded_head_worker as wk
+from tests.reference_head import PrototypeHead
+from training.head import ShardedPrototypeHead, head_cost, knn_graph
+from training.head.sharded import random_select_large
+from training.head.storage import hash_uniform, stochastic_round
 from training.losses import margin_loss
-from training.margin_head import PrototypeHead, knn_graph
-from training.sharded_head import (ShardedPrototypeHead, hash_uniform, head_cost, random_select_large,
-                                   stochastic_round)
 
 W = 2
 

@@ -5,7 +5,7 @@ import pytest
 from data.ingest import build_catalog
 from data.schema import CatalogError
 from data.sources import clean_title, load_manifest, load_openclipart, load_source
-from pailitao.config import Paths
+from core.config import Paths
 from tests.conftest import write_manifest
 
 

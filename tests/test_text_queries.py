@@ -10,7 +10,7 @@ import pytest
 from data.queries import (IMAGE, IMAGE_TEXT, MAX_WORDS, TEXT, given_queries, image_queries, plan_queries,
                           shopper_words)
 from evaluation.retrieval import query_groups
-from pailitao.config import deep_merge
+from core.config import deep_merge
 
 COLUMNS = ["query_id", "split", "level", "image", "text", "item_id", "group_id", "source_image_id", "seed",
            "modality"]

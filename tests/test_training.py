@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from data.schema import Catalog
-from pailitao import model_stages, stages
-from pailitao.config import Paths, deep_merge, load_params
-from pailitao.registry import EMBEDDER_NAMES
+from pailitao.lineage import domain_stages
+from pailitao.stages import data as stages, embedding as model_stages
+from core.config import Paths, deep_merge, load_params
+from retrieval.registry import EMBEDDER_NAMES
 from training.backbone import MLLMEmbedder
 from training.data import PairDataset, TrainItems
 from training.modules import CONTRASTIVE, EmbeddingModule, fit, make_loader
@@ -30,7 +31,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root}/mlflow.db"
     params = load_params("tiny", {"workdir": str(root / "work")})
-    for fn in stages.DATA_STAGES.values():
+    for fn in domain_stages("data").values():
         fn(params)
     model_stages.base_model(params)
     model_stages.stage1_embedder(params)
@@ -89,7 +90,7 @@ def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
 def _id_module(params, steps):
     from training.modules import ID
     from training.prototypes import prototype_labels
-    from training.sharded_head import ShardedPrototypeHead
+    from training.head import ShardedPrototypeHead
 
     paths = Paths.from_params(params)
     catalog = Catalog.load(paths.asset("validated_catalog"))
@@ -195,10 +196,10 @@ DDP_SCRIPT = textwrap.dedent("""
     import sys
     import pandas as pd
     from data.schema import Catalog
-    from pailitao.config import Paths, deep_merge, load_params
+    from core.config import Paths, deep_merge, load_params
     from training.backbone import MLLMEmbedder
     from training.data import PairDataset, TrainItems
-    from training.sharded_head import ShardedPrototypeHead
+    from training.head import ShardedPrototypeHead
     from training.modules import ID, EmbeddingModule, fit, make_loader
     from training.prototypes import prototype_labels
     import numpy as np

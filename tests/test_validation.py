@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from data.schema import IMAGE_COLUMNS, ITEM_COLUMNS, Catalog, coerce
-from data.validation import CHECK_NAMES, CheckOutcome, failed_errors, validate_catalog, \
+from data.validation import CHECK_NAMES, RULES, CheckOutcome, failed_errors, validate_catalog, \
     validate_tables
 
 PARAMS = {
@@ -65,6 +65,15 @@ def test_good_tables_pass_every_check():
         assert o.severity == ("warn" if o.name == "duplicate_images" else "error")
         assert o.description and "\n" not in o.description
         json.dumps(o.metadata)   # JSON-able
+
+
+def test_check_names_come_from_the_rules_one_outcome_each():
+    assert CHECK_NAMES == tuple(r.name for r in RULES)
+    assert len(set(CHECK_NAMES)) == len(CHECK_NAMES)
+    items, images = make_tables(3)
+    outcomes = validate_tables(items, images, PARAMS)
+    assert [(o.name, o.severity) for o in outcomes] == [(r.name, r.severity) for r in RULES]
+    assert all(o.passed for o in outcomes)
 
 
 def test_inputs_are_not_modified():

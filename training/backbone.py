@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from data.images import to_rgb_on_white
 from training.vlm import TEXT_INPUTS
 
 EMB_TOKEN = "<|EMB|>"
@@ -262,17 +263,6 @@ def _image_processor(min_pixels: int, max_pixels: int, patch_size: int = 14, mer
                                     temporal_patch_size=2)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB; transparency composited on white (the catalog convention)."""
-    if im.mode == "RGB":
-        return im
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(bg, rgba).convert("RGB")
-    return im.convert("RGB")
-
-
 def _dtype(value) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -329,10 +319,9 @@ class MLLMEmbedder(nn.Module):
         preset `pretrained`: load model_params["pretrained"] (a local directory)."""
         preset = model_params.get("preset")
         family = _family(model_params.get("family", "qwen2_vl"))
-        if preset == "packaged":   # pretrained weights shipped in pip packages (the lineage's base_model)
-            from training.pretrained import build_base_model
-            return build_base_model(model_params.get("base") or {}, int(model_params.get("max_text_tokens", 24)),
-                                    model_params.get("mrl_dims"))
+        if preset == "packaged":   # built above this module: it needs the converted packaged weights
+            raise ValueError("model preset 'packaged' is built by training.pretrained.build_base_model "
+                             "(the base_model stage), not MLLMEmbedder.from_params")
         if preset == "pretrained":
             path = model_params.get("pretrained")
             if not path:
@@ -476,7 +465,7 @@ class MLLMEmbedder(nn.Module):
             if im is None and t is None:
                 raise ValueError(f"item {i} has neither an image nor text")
 
-        present = [_to_rgb(im) for im in images if im is not None]
+        present = [to_rgb_on_white(im) for im in images if im is not None]
         vision: dict[str, Tensor] = {}
         counts: list[int] = []
         if present:
@@ -562,7 +551,7 @@ class MLLMEmbedder(nn.Module):
         out: list[np.ndarray] = []
         starts = range(0, n, max(1, int(batch_size)))
         if progress:
-            from pailitao.console import progress as bar
+            from core.console import progress as bar
             starts = bar(starts, "encode", unit="batch")
         try:
             for s in starts:

@@ -20,12 +20,13 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from transformers import get_cosine_schedule_with_warmup
 
-from pailitao.io import atomic_path
+from core.console import progress
+from core.io import atomic_path
 from training.backbone import MLLMEmbedder
 from training.finetune import param_groups
 from training.data import PairDataset, RandomBatchSampler, SimilarPrototypeBatchSampler, collate
 from training.losses import info_nce_mrl
-from training.sharded_head import ShardedPrototypeHead
+from training.head import ShardedPrototypeHead
 
 log = logging.getLogger(__name__)
 CONTRASTIVE, ID = "contrastive", "id"
@@ -343,6 +344,38 @@ def run_id_file(work_dir: Path) -> Path:
     return path
 
 
+class StepBar(L.Callback):
+    """A Lightning callback: one bar over the fit's max_steps (an ETA for the whole run; a resumed
+    run starts where it stands), the module's prog_bar metrics as its postfix; on global rank zero only."""
+    def __init__(self, desc: str = "train"):
+        self.desc, self.bar = desc, None
+
+    def on_train_start(self, trainer, pl_module):
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        self.bar = progress(None, self.desc, total=total, initial=trainer.global_step, unit="step",
+                            disable=None if trainer.is_global_zero else True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.bar is None:
+            return
+        shown = trainer.progress_bar_metrics   # what the module logs with prog_bar=True
+        if shown:
+            self.bar.set_postfix({k.rsplit("/", 1)[-1]: f"{float(v):.4g}" for k, v in shown.items()},
+                                 refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer, pl_module):
+        self._close()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._close()
+
+    def _close(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps: int,
         logger=None, callbacks: list | None = None) -> L.Trainer:
     """Train for max_steps; checkpoints in work_dir/ckpt, resumed from last.ckpt when present
@@ -355,7 +388,7 @@ def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps
     precision = t["precision"]
     if precision == "auto":   # bf16 on a GPU, full precision on a CPU
         precision = "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    from pailitao import console
+    from core import console
 
     last = last_checkpoint(work_dir)
     if last:
@@ -366,7 +399,7 @@ def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
     trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"],
                         strategy=t["strategy"], precision=precision, logger=logger or False,
-                        callbacks=[ckpt, ExactResume(replay), console.lightning_progress(), *(callbacks or [])],
+                        callbacks=[ckpt, ExactResume(replay), StepBar("train"), *(callbacks or [])],
                         plugins=[AtomicCheckpointIO()],
                         default_root_dir=str(work_dir), enable_progress_bar=False,   # one bar over max_steps
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=1,

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from training.backbone import (IM_END, IM_START, SPECIAL_TOKENS, MLLMEmbedder, _family, _to_rgb)
+from data.images import to_rgb_on_white
+from training.backbone import IM_END, IM_START, SPECIAL_TOKENS, MLLMEmbedder, _family
 
 POINT, LIST = "point", "list"
 SYSTEM = "You are a product search reranker"
@@ -82,7 +83,7 @@ def lm_class(family: str) -> type:
 
 def _open(im) -> Image.Image:
     """A PIL image, or a path opened on demand (catalog images whose pixels are cached are never read)."""
-    return _to_rgb(Image.open(im) if isinstance(im, (str, Path)) else im)
+    return to_rgb_on_white(Image.open(im) if isinstance(im, (str, Path)) else im)
 
 
 def center_crop(im: Image.Image, share: float = 0.6) -> Image.Image:
@@ -170,7 +171,7 @@ class MLLMReranker(nn.Module):
     def save_pretrained(self, path) -> None:
         """LM (transformers form), tokenizer, image processor, scorer weights and reranker.json,
         written to a temp sibling and renamed (a reader never sees half a checkpoint)."""
-        from pailitao.io import atomic_path
+        from core.io import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.mkdir(parents=True)

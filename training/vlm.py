@@ -490,9 +490,9 @@ class PailitaoVLImageProcessor:
         return cls(d["size"], d["image_mean"], d["image_std"])
 
     def __call__(self, images, return_tensors: str = "pt") -> dict:
-        from training.backbone import _to_rgb
+        from data.images import to_rgb_on_white
 
-        arr = np.stack([np.asarray(ImageOps.pad(_to_rgb(im), (self.size, self.size), Image.Resampling.BICUBIC,
+        arr = np.stack([np.asarray(ImageOps.pad(to_rgb_on_white(im), (self.size, self.size), Image.Resampling.BICUBIC,
                                                 color=(255, 255, 255)), dtype=np.float32) for im in images])
         x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 255.0
         mean, std = torch.tensor(self.image_mean)[:, None, None], torch.tensor(self.image_std)[:, None, None]

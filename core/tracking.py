@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-from pailitao.config import REPO_ROOT, resolve
-from pailitao.io import process_gone
+from core.config import REPO_ROOT, resolve
+from core.io import process_gone
 
 log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"

@@ -14,12 +14,12 @@ import pandas as pd
 from data.schema import Catalog
 from data.taxonomy import display_names
 from evaluation.retrieval import cached_gallery, item_documents
-from pailitao.config import Paths, fingerprint
-from pailitao.io import atomic_path, read_json, write_json
-from pailitao.stages import StageResult, _finish
-from pailitao.tracking import start_run
+from core.config import Paths, fingerprint
+from core.io import atomic_path, read_json, write_json
+from pailitao.stages import StageResult, finish
+from core.tracking import start_run
 from retrieval import index as ix
-from retrieval.pipeline import load_embedder, resolve_model, variant_dirs
+from retrieval.models import load_embedder, resolve_model, variant_dirs
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
                             "model_version": info.fingerprint, "fingerprint": meta["fingerprint"]},
                       markdown={"preview": items.head(10).to_markdown(index=False)})
     with start_run("item_embeddings", params, fp, dagster_run_id) as run:
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Path | None = None,
@@ -85,7 +85,7 @@ def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Pa
                           "version", "kind", "n", "dim", "recall", "min_recall", "recall_ok", "build_seconds")}])
                           .to_markdown(index=False)})
     with start_run("ann_index", params, src["catalog_fingerprint"], dagster_run_id) as run:
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def check_ann_index(params: dict, root: Path | None = None) -> tuple[bool, str, dict]:
@@ -98,4 +98,15 @@ def check_ann_index(params: dict, root: Path | None = None) -> tuple[bool, str, 
     return passed, desc, {k: meta[k] for k in ("version", "kind", "n", "recall", "min_recall", "recall_k")}
 
 
-RETRIEVAL_STAGES = {"item_embeddings": item_embeddings, "ann_index": ann_index}
+def build_variant_indexes(params: dict, variants: list, force: bool = False) -> dict:
+    """item_embeddings + ann_index (the lineage's stage functions) for every variant that has no
+    index of its own yet: the variant serving serving.model uses the lineage's."""
+    out = {}
+    for v in variants:
+        emb_dir, index_dir = variant_dirs(params, v.model, v.name)
+        if (index_dir / "CURRENT").is_file() and not force:
+            out[v.name] = {"path": str(index_dir), "built": False}
+            continue
+        item_embeddings(params, model=v.model, out=emb_dir)
+        out[v.name] = {**ann_index(params, embeddings=emb_dir, out=index_dir).summary(), "built": True}
+    return out

@@ -1,6 +1,5 @@
-"""One function per lineage node. Dagster assets, DVC stages (`pailitao <stage>`) and `pailitao run`
-are thin callers of these; each reads params, calls data/ functions, writes its directory
-atomically and records one MLflow run."""
+"""Data stages: raw_catalog -> validated_catalog -> splits -> query_sets (and the raw catalog's
+validation rules), each calling data/ functions."""
 from __future__ import annotations
 
 import base64
@@ -8,7 +7,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -21,41 +19,16 @@ from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError, reason_c
 from data.sources import load_source
 from data.splits import assign_splits
 from data.validation import CheckOutcome, failed_errors, validate_catalog
-from pailitao.config import Paths
-from pailitao.io import atomic_path, write_json, write_parquet
-from pailitao.tracking import start_run
+from core.config import Paths
+from core.io import atomic_path, write_json, write_parquet
+from core.tracking import start_run
+from pailitao.stages import StageResult, finish, md_table
 
 log = logging.getLogger(__name__)
 
 
 class ValidationFailed(CatalogError):
     """Blocking validation rules failed; the message lists each one."""
-
-
-@dataclass
-class StageResult:
-    name: str
-    path: Path
-    metrics: dict = field(default_factory=dict)     # numbers: Dagster metadata and MLflow metrics
-    info: dict = field(default_factory=dict)        # strings: Dagster metadata and MLflow tags
-    markdown: dict = field(default_factory=dict)    # name -> markdown for the Dagster UI
-    run_id: str | None = None
-
-    def summary(self) -> dict:
-        return {"path": str(self.path), "mlflow_run_id": self.run_id, **self.metrics, **self.info}
-
-
-def _md_table(df: pd.DataFrame, n: int = 10) -> str:
-    return df.head(n).to_markdown(index=False) if len(df) else "_(empty)_"
-
-
-def _finish(res: StageResult, run) -> StageResult:
-    mlflow.log_metrics({k: float(v) for k, v in res.metrics.items()})
-    mlflow.set_tags({f"pailitao.{k}": str(v)[:500] for k, v in res.info.items()})
-    for name, text in res.markdown.items():
-        mlflow.log_text(text, f"{name}.md")
-    res.run_id = run.info.run_id
-    return res
 
 
 def quarantine_summary(catalog: Catalog) -> str:
@@ -65,7 +38,7 @@ def quarantine_summary(catalog: Catalog) -> str:
     reasons = q["reason"].map(reason_class).value_counts()
     head = f"{len(q)} of {len(catalog.images)} images quarantined ({len(q) / len(catalog.images):.2%}).\n\n"
     return (head + reasons.rename_axis("reason").reset_index().to_markdown(index=False)
-            + "\n\nExamples:\n\n" + _md_table(q[["item_id", "reason"]], 10))
+            + "\n\nExamples:\n\n" + md_table(q[["item_id", "reason"]], 10))
 
 
 def item_quarantine_summary(catalog: Catalog) -> str:
@@ -81,7 +54,7 @@ def item_quarantine_summary(catalog: Catalog) -> str:
                .groupby(["reason", "rule"]).size().rename("rows").sort_values(ascending=False))
     head = f"{len(q)} of {rows} item rows quarantined ({len(q) / max(rows, 1):.2%}).\n\n"
     return (head + reasons.reset_index().to_markdown(index=False)
-            + "\n\nExamples:\n\n" + _md_table(q[["item_id", "row", "reason"]], 10) + tail)
+            + "\n\nExamples:\n\n" + md_table(q[["item_id", "row", "reason"]], 10) + tail)
 
 
 def _item_metrics(meta: dict) -> dict:
@@ -107,7 +80,7 @@ def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
                                "seconds": round(time.perf_counter() - t0, 2)},
                       info={"source": m["source"], "synthetic": m["synthetic"],
                             "fingerprint": m["fingerprint"], "root": m["root"]},
-                      markdown={"preview": _md_table(catalog.items),
+                      markdown={"preview": md_table(catalog.items),
                                 "quarantine": quarantine_summary(catalog),
                                 "item_quarantine": item_quarantine_summary(catalog)})
     with start_run("raw_catalog", params, m["fingerprint"], dagster_run_id) as run:
@@ -115,7 +88,7 @@ def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
         if catalog.item_quarantine is not None and len(catalog.item_quarantine):
             mlflow.log_table(catalog.item_quarantine.astype(object).where(
                 catalog.item_quarantine.notna(), None), "item_quarantine.json")
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def check_raw_catalog(params: dict) -> list[CheckOutcome]:
@@ -181,7 +154,7 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageR
                                 .rename_axis("category").reset_index().to_markdown(index=False)})
     with start_run("validated_catalog", params, meta["fingerprint"], dagster_run_id) as run:
         mlflow.log_dict({o.name: vars(o) for o in outcomes}, "checks.json")
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def splits(params: dict, dagster_run_id: str | None = None) -> StageResult:
@@ -201,7 +174,7 @@ def splits(params: dict, dagster_run_id: str | None = None) -> StageResult:
     res = StageResult("splits", out, metrics=metrics, info={"fingerprint": catalog.meta["fingerprint"]},
                       markdown={"splits": counts.reset_index().to_markdown(index=False)})
     with start_run("splits", params, catalog.meta["fingerprint"], dagster_run_id) as run:
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def sample_grid(queries: pd.DataFrame, root: Path, source: Catalog, n: int = 6, size: int = 112) -> Image.Image:
@@ -242,7 +215,7 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
     metrics = {f"{s}_{lv}": int(c) for (s, lv), c in counts.items()}
     metrics.update(queries=len(queries), with_text=int(queries["text"].notna().sum()),
                    mean_instance_docs=float(queries["n_instance"].mean()) if len(queries) else 0.0)
-    md = {"queries": _md_table(queries[["query_id", "split", "level", "text", "item_id"]], 12)}
+    md = {"queries": md_table(queries[["query_id", "split", "level", "text", "item_id"]], 12)}
     preview = out / "preview.png"
     if preview.is_file():
         md["sample_queries"] = ("Columns: held-out instances. Rows: catalog image, then "
@@ -254,8 +227,4 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
     with start_run("query_sets", params, catalog.meta["fingerprint"], dagster_run_id) as run:
         if preview.is_file():
             mlflow.log_artifact(str(preview))
-        return _finish(res, run)
-
-
-DATA_STAGES = {"raw_catalog": raw_catalog, "validated_catalog": validated_catalog,
-               "splits": splits, "query_sets": query_sets}
+        return finish(res, run)

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from core.params import ParamsError, validate_params
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARAMS_PATH = Path(os.environ.get("PAILITAO_PARAMS", REPO_ROOT / "params.yaml"))
 PROFILES = ("tiny", "demo", "full")
@@ -98,7 +100,8 @@ def load_params(profile: str | None = None, overrides: dict | None = None,
                 path: str | Path | None = None, sets: list[str] | None = None) -> dict[str, Any]:
     """base deep-merged with the profile (the file's `profile` key when none is given), then
     overrides, then `sets` (`key.path=value` strings from --set; unlike overrides, which callers
-    may use to add keys such as workdir, each must name a parameter of base or the profile)."""
+    may use to add keys such as workdir, each must name a parameter of base or the profile);
+    validated against core/params.py's typed sections (ConfigError naming each bad key)."""
     path = Path(path or PARAMS_PATH)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path}")
@@ -113,7 +116,10 @@ def load_params(profile: str | None = None, overrides: dict | None = None,
     params = deep_merge(deep_merge(params, overrides or {}), user_sets)
     params["profile"] = profile
     params["params_dir"] = str(path.resolve().parent)  # relative paths in the file start here
-    return params
+    try:
+        return validate_params(params)   # once, here: a typo fails now, naming its key, not mid-training
+    except ParamsError as e:
+        raise ConfigError(f"{path} (profile {profile}): {e}") from None
 
 
 def dataset_override(dataset: str | None) -> dict:

@@ -1,6 +1,6 @@
 """The console, shared by the CLI, the Dagster steps and the stage code: one line per event on stderr
 (setup), library chatter silenced where it is made (quiet_libraries), tqdm bars with an ETA that
--q / PAILITAO_QUIET=1 and a non-terminal stderr turn off (progress, lightning_progress), and a failed
+-q / PAILITAO_QUIET=1 and a non-terminal stderr turn off (progress and the training step bar), and a failed
 command's full log on disk (logged_to)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 QUIET_ENV = "PAILITAO_QUIET"
 # the project's own loggers print bare messages; a library's carry its logger name
-OWN = ("pailitao", "data", "training", "evaluation", "retrieval", "serving", "orchestration", "benchmarks",
+OWN = ("core", "pailitao", "data", "training", "evaluation", "retrieval", "serving", "orchestration", "benchmarks",
        "__main__")
 # library INFO loggers that talk at every start, quiet at WARNING (their warnings still show)
 LEVELS = {"faiss.loader": logging.WARNING, "great_expectations": logging.WARNING, "alembic": logging.WARNING,
@@ -137,42 +137,6 @@ def progress(iterable=None, desc: str | None = None, total: int | None = None, *
 
     disable = kw.pop("disable", None) or is_quiet() or None
     return tqdm(iterable, desc=desc, total=total, disable=disable, file=sys.stderr, **kw)
-
-
-def lightning_progress(desc: str = "train"):
-    """A Lightning callback: one bar over the fit's max_steps (an ETA for the whole run; a resumed
-    run starts where it stands), the module's prog_bar metrics as its postfix; on global rank zero only."""
-    import lightning as L
-
-    class StepBar(L.Callback):
-        bar = None
-
-        def on_train_start(self, trainer, pl_module):
-            total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-            self.bar = progress(None, desc, total=total, initial=trainer.global_step, unit="step",
-                                disable=None if trainer.is_global_zero else True)
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if self.bar is None:
-                return
-            shown = trainer.progress_bar_metrics   # what the module logs with prog_bar=True
-            if shown:
-                self.bar.set_postfix({k.rsplit("/", 1)[-1]: f"{float(v):.4g}" for k, v in shown.items()},
-                                     refresh=False)
-            self.bar.update(trainer.global_step - self.bar.n)
-
-        def on_train_end(self, trainer, pl_module):
-            self._close()
-
-        def on_exception(self, trainer, pl_module, exception):
-            self._close()
-
-        def _close(self):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    return StepBar()
 
 
 def log_path(log_dir: Path, name: str) -> Path:

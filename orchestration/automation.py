@@ -1,6 +1,5 @@
-"""Evaluation domain: embedding_promotion (offline embedding A/B + the champion gate) and
-ab_report (the whole A/B report), the freshness checks that guard the models and the report,
-the nightly retraining schedule and the sensor that retrains on a new catalog version."""
+"""When the lineage runs by itself: the nightly retraining schedule, the sensor that retrains on a
+new catalog version, and the freshness checks that guard the models and the report."""
 import warnings
 from datetime import timedelta
 
@@ -8,23 +7,7 @@ from dagster import (DefaultScheduleStatus, DefaultSensorStatus, RunRequest, Sch
                      SkipReason, build_last_update_freshness_checks, build_sensor_for_freshness_checks, sensor)
 
 from data.sources import source_fingerprint
-from evaluation import ab_stages
-from orchestration.data_assets import query_sets, stage_asset
-from orchestration.model_assets import baseline_embedder, embedding_model
 from orchestration.resources import default_resources
-from pailitao.config import load_params
-
-GROUP = "evaluation"
-
-embedding_promotion = stage_asset(ab_stages.embedding_promotion, GROUP,
-                                  deps=(embedding_model, baseline_embedder, query_sets),
-                                  kinds=frozenset({"pytorch", "mlflow"}))
-# deps by key: the reranking domain imports the retrieval domain, which depends on embedding_promotion
-ab_report = stage_asset(ab_stages.ab_report, GROUP,
-                        deps=("embedding_promotion", "ann_index", "reranker_model", "reranker_pointwise"),
-                        kinds=frozenset({"html", "mlflow"}))
-
-ASSETS = [embedding_promotion, ab_report]
 
 
 def _params() -> dict:

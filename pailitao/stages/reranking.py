@@ -17,17 +17,17 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from data.queries import image_queries
 from data.schema import Catalog
-from evaluation.calibration import Calibrator, expected_calibration_error, fit_calibrator
+from retrieval.calibration import Calibrator, expected_calibration_error, fit_calibrator
 from evaluation.compare import bootstrap_ratio_ci, percent_ci
 from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval_report
 from evaluation.retrieval import encode_queries
-from pailitao.config import Paths, fingerprint
-from pailitao.io import atomic_path, read_json, write_json
-from pailitao.stages import StageResult, _finish
-from pailitao.tracking import start_run, tracking_uri
-from retrieval.pipeline import load_embedder, resolve_model
+from core.config import Paths, fingerprint
+from core.io import atomic_path, read_json, write_json
+from pailitao.stages import StageResult, finish
+from core.tracking import start_run, tracking_uri
+from retrieval.models import load_embedder, resolve_model
 from retrieval.fusion import FUSION_FILE, Fusion, features, fused_order
-from retrieval.rerank import INFERENCE_FILE, INFERENCE_KEYS, RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked, load_reranker
+from retrieval.rerank import INFERENCE_FILE, INFERENCE_KEYS, RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked
 from training import rerank_data as rd
 from training.data import TrainItems
 from training.modules import fit, run_id_file
@@ -105,7 +105,7 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
                           "candidates": [metrics[f"candidates_level{i}"] for i in range(4)],
                           "balanced chunks": [metrics[f"chunks_level{i}"] for i in range(4)]}).to_markdown(index=False)})
     with start_run("reranker_dataset", params, catalog.meta["fingerprint"], dagster_run_id) as run:
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def slot0_share(chunks: pd.DataFrame) -> float:
@@ -253,7 +253,7 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     """Train a pointwise or listwise reranker on reranker_dataset, calibrate P(instance) on the
     validation candidates, choose the P/R/F1 thresholds there, save to out/model (atomic),
     register it in MLflow."""
-    from pailitao.registry import log_reranker
+    from retrieval.registry import log_reranker
 
     paths, cfg, t0 = Paths.from_params(params), params["reranker"], time.perf_counter()
     use_feature_cache(paths.feature_cache)   # catalog candidates repeat across steps and stages
@@ -320,7 +320,7 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
                   "fusion": dict(zip(fusion.names, fusion.coef)) if fusion else None,
                   "fingerprint": ds_meta["fingerprint"]},
             markdown={"validation": rep.to_markdown(index=False, floatfmt=".2f")})
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def validate(ranker, val_q: pd.DataFrame, root: Path, val_c: pd.DataFrame, gallery: pd.DataFrame,
@@ -372,38 +372,3 @@ def reranker_model(params: dict, dagster_run_id: str | None = None) -> StageResu
 def reranker_pointwise(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """The pointwise reranker (P(yes) per candidate), the comparison arm."""
     return train_reranker(params, POINT, Paths.from_params(params).asset("reranker_pointwise"), dagster_run_id)
-
-
-GATED = "gated"
-
-
-def gated_rerank(params: dict) -> str:
-    """What serving.rerank `gated` serves: `list` when the last ab_report's rerank gate passed
-    (a significant win over embedding order within the latency budget), else `none`."""
-    meta = Paths.from_params(params).asset("ab_report") / "meta.json"
-    decision = read_json(meta).get("rerank_decision") if meta.is_file() else None
-    if decision is None:
-        log.warning("serving.rerank is gated but %s holds no rerank decision yet: serving embedding order", meta)
-        return "none"
-    log.info("serving.rerank gated: %s (%s)", decision["status"], "; ".join(decision["reasons"]))
-    return LIST if decision["promoted"] else "none"
-
-
-def build_reranker(params: dict, kind: str | None = None):
-    """The search pipeline's reranker for serving.rerank (none | point | list | gated); None for none."""
-    kind = kind or params["serving"].get("rerank", "none")
-    if kind == GATED:
-        kind = gated_rerank(params)
-    if kind in (None, "none"):
-        return None
-    if kind not in RERANK_ASSETS:
-        raise ValueError(f"serving.rerank must be none, point, list or gated, got {kind!r}")
-    model_dir = Paths.from_params(params).asset(RERANK_ASSETS[kind]) / "model"
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"serving.rerank is {kind!r} but {model_dir} does not exist: run "
-                                f"`pailitao {RERANK_ASSETS[kind]}` (or set serving.rerank: none)")
-    return load_reranker(model_dir, params["reranker"], mode=kind)
-
-
-RERANK_STAGES = {"reranker_dataset": reranker_dataset, "reranker_model": reranker_model,
-                 "reranker_pointwise": reranker_pointwise}

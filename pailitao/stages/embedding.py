@@ -17,18 +17,18 @@ from PIL import Image
 
 from data.schema import Catalog
 from evaluation.retrieval import cached_gallery, evaluate
-from pailitao.config import Paths, fingerprint
-from pailitao.io import atomic_path, write_json, write_parquet
-from pailitao.registry import log_embedder
-from pailitao.stages import StageResult, _finish
-from pailitao.tracking import start_run, tracking_uri
-from retrieval.pipeline import model_fingerprint
+from core.config import Paths, fingerprint
+from core.io import atomic_path, write_json, write_parquet
+from retrieval.registry import log_embedder
+from pailitao.stages import StageResult, finish
+from core.tracking import start_run, tracking_uri
+from retrieval.models import model_fingerprint
 from training.backbone import MLLMEmbedder
 from training.finetune import merge_adapters, prepare_for_training
 from training.data import PairDataset, TrainItems
 from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader, run_id_file
 from training.prototypes import curate, prototype_labels
-from training.sharded_head import ShardedPrototypeHead
+from training.head import ShardedPrototypeHead
 from training.vlm import use_feature_cache
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
                                     if len(report) else "_no validation queries_",
                                     "loss_curve": loss_curve_markdown(run.info.run_id, params)})
         mlflow.log_table(report, "val_report.json")
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def loss_curve_markdown(run_id: str, params: dict) -> str:
@@ -213,7 +213,7 @@ def base_model(params: dict, dagster_run_id: str | None = None) -> StageResult:
         if len(sources):
             mlflow.log_table(sources, "sources.json")
         mlflow.log_table(report, "val_report.json")
-        return _finish(res, run)
+        return finish(res, run)
 
 
 def stage1_embedder(params: dict, dagster_run_id: str | None = None) -> StageResult:
@@ -275,8 +275,4 @@ def semantic_prototypes(params: dict, dagster_run_id: str | None = None) -> Stag
                                 "examples": result.report.head(15).to_markdown(index=False) if len(result.report) else ""})
     with start_run("semantic_prototypes", params, catalog.meta["fingerprint"], dagster_run_id) as run:
         mlflow.log_table(result.report, "curation_report.json")
-        return _finish(res, run)
-
-
-MODEL_STAGES = {"base_model": base_model, "stage1_embedder": stage1_embedder, "semantic_prototypes": semantic_prototypes,
-                "embedding_model": embedding_model, "baseline_embedder": baseline_embedder}
+        return finish(res, run)

@@ -22,17 +22,17 @@ from PIL import Image
 from data.queries import image_queries
 from data.schema import Catalog
 from evaluation import promotion
-from evaluation.calibration import expected_calibration_error
+from retrieval.calibration import expected_calibration_error
 from evaluation.compare import bootstrap_mean_ci, compare, percent_ci, proportion_ci, two_proportion_test
 from evaluation.metrics import latency_summary, per_query_metrics
 from evaluation.report import GalleryQuery, ReportData, render_report
 from evaluation.retrieval import cached_gallery, encode_queries
-from pailitao.config import Paths
-from pailitao.io import atomic_path, read_json, write_json
-from pailitao.stages import StageResult, _finish
-from pailitao.tracking import git_commit, start_run, tracking_uri
-from retrieval import rerank_stages as rs
-from retrieval.pipeline import load_embedder, model_fingerprint, resolve_model
+from core.config import Paths
+from core.io import atomic_path, read_json, write_json
+from pailitao.stages import StageResult, finish
+from core.tracking import git_commit, start_run, tracking_uri
+from pailitao.stages import reranking as rs
+from retrieval.models import build_reranker, load_embedder, model_fingerprint, resolve_model
 from training import rerank_data as rd
 from training.backbone import MLLMEmbedder
 from training.vlm import use_feature_cache
@@ -170,7 +170,7 @@ def embedding_promotion(params: dict, dagster_run_id: str | None = None) -> Stag
                       markdown={"comparison": comp.reset_index().to_markdown(index=False, floatfmt=".3g"),
                                 "decision_reasons": "\n".join(f"- {r}" for r in decision.reasons)})
     with start_run("embedding_promotion", params, catalog.meta["fingerprint"], dagster_run_id) as run:
-        return _finish(res, run)
+        return finish(res, run)
 
 
 # ------------------------------------------------------------------------------------------ online
@@ -219,7 +219,7 @@ def _rerank_arms(params: dict, cfg: dict) -> dict:
     arms = {"none": (None, rs.prf(v_run)[1])}
     for kind in ("point", "list"):
         d = paths.asset(rs.RERANK_ASSETS[kind]) / "model"
-        arms[kind] = (rs.build_reranker(params, kind), read_json(d / rs.THRESHOLD_FILE))
+        arms[kind] = (build_reranker(params, kind), read_json(d / rs.THRESHOLD_FILE))
     out = {}
     for name, (ranker, thr) in arms.items():
         run = rs.run_reranker(ranker, test, root, cands, gallery, block=1)   # one query at a time, as served
@@ -405,8 +405,4 @@ def ab_report(params: dict, dagster_run_id: str | None = None) -> StageResult:
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(out / "report.html"))
         mlflow.log_artifact(str(out / "metrics.json"))
-        return _finish(res, run)
-
-
-EVALUATION_STAGES = {"embedding_promotion": embedding_promotion}
-REPORT_STAGES = {"ab_report": ab_report}
+        return finish(res, run)

@@ -1,102 +1,34 @@
-"""Stage-3 prototype head: ID recognition with an additive angular margin (PAPER.md "Embedding").
+"""The single-process reference prototype head the tests check ShardedPrototypeHead against.
 
-A single U x D linear layer whose rows start at the stage-2 prototype centroids. Instead of scoring
+``PrototypeHead`` is the straightforward version of the stage-3 ID head (PAPER.md "Embedding"): a
+single U x D linear layer whose rows start at the stage-2 prototype centroids. Instead of scoring
 all U prototypes, each step scores the targets plus, per target, its nearest ``ceil(knn_fraction * U)``
 prototypes in a prototype-to-prototype KNN graph ("KNN sparse similarity"); the graph is rebuilt
 from the current rows every ``refresh_steps`` training steps ("dynamic proxy update"). A
 ``"random"`` sampler (Partial-FC style, same number of classes) is the ablation.
 
-Single process. The selection logic lives in the module-level functions ``knn_graph``,
-``knn_select``, ``knn_select_count`` and ``random_select`` so that a sharded (tensor-parallel) head
-can reuse it unchanged; ``PrototypeHead.forward`` only gathers ``weight[cls]``, so only the selected
-rows receive gradient (the basis of a sparse update).
+Not production code (training uses training.head.ShardedPrototypeHead, which at world size 1
+computes the same loss, selection and update: tests/test_sharded_head.py). It shares the graph
+builder, ``knn_width`` and ``random_select`` with the sharded head; ``forward`` only gathers
+``weight[cls]``, so only the selected rows receive gradient (the basis of a sparse update).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
-import faiss
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from training.head.knn_graph import knn_graph, knn_width
+from training.head.sharded import random_select
 from training.losses import margin_loss, mrl_prefix
-
-# faiss GPU brute-force search supports k up to this many results (CPU beyond it).
-_FAISS_GPU_MAX_K = 2048
-
-_gpu_resources = None
-
-
-def _faiss_gpu_available() -> bool:
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def _gpu_res():
-    global _gpu_resources
-    if _gpu_resources is None:
-        _gpu_resources = faiss.StandardGpuResources()
-    return _gpu_resources
-
-
-def knn_graph(rows: np.ndarray | Tensor, k: int, use_gpu: bool | None = None) -> np.ndarray:
-    """[U, k] int64: for each row, its k nearest *other* rows by cosine similarity, nearest first.
-
-    Built with faiss ``IndexFlatIP`` on the L2-normalised rows (faiss GPU when available and
-    k + 1 is within the GPU search limit). The row itself is removed from its own list, even when
-    duplicates tie with it.
-    """
-    if isinstance(rows, Tensor):
-        rows = rows.detach().float().cpu().numpy()
-    x = np.ascontiguousarray(rows, dtype=np.float32)
-    u, dim = x.shape
-    if not 0 <= k <= u - 1:
-        raise ValueError(f"k={k} outside 0..{u - 1} for {u} rows")
-    if k == 0:
-        return np.zeros((u, 0), dtype=np.int64)
-    x = x.copy()
-    faiss.normalize_L2(x)
-    kk = k + 1
-    if use_gpu is None:
-        use_gpu = _faiss_gpu_available()
-    index = faiss.IndexFlatIP(dim)
-    if use_gpu and kk <= _FAISS_GPU_MAX_K:
-        index = faiss.index_cpu_to_gpu(_gpu_res(), 0, index)
-    index.add(x)
-    _, idx = index.search(x, kk)                               # [U, k + 1], self normally first
-    is_self = idx == np.arange(u)[:, None]
-    # Stable sort: non-self entries keep their order; a row whose self was not returned drops its last.
-    order = np.argsort(is_self, axis=1, kind="stable")
-    return np.take_along_axis(idx, order, axis=1)[:, :k].astype(np.int64)
-
-
-def knn_width(num_classes: int, fraction: float) -> int:
-    """Negatives per target: ``ceil(fraction * U)``, at most U - 1 (U when fraction >= 1: all)."""
-    if fraction >= 1.0:
-        return num_classes
-    return min(max(math.ceil(fraction * num_classes), 0), num_classes - 1)
 
 
 def knn_select(targets: Tensor, graph: Tensor) -> Tensor:
     """Sorted unique union of ``targets`` and their rows of the KNN ``graph`` [U, k]."""
     targets = targets.to(graph.device).long().view(-1)
     return torch.unique(torch.cat([targets, graph[targets].reshape(-1)]), sorted=True)
-
-
-def random_select(targets: Tensor, total: int, num_classes: int,
-                  generator: torch.Generator | None = None) -> Tensor:
-    """Sorted unique targets plus uniform random other classes, ``total`` classes in all (Partial-FC)."""
-    device = targets.device
-    targets = torch.unique(targets.long().view(-1), sorted=True)
-    extra = total - targets.numel()
-    if extra <= 0:
-        return targets
-    is_target = torch.zeros(num_classes, dtype=torch.bool)
-    is_target[targets.cpu()] = True
-    others = torch.nonzero(~is_target).view(-1)
-    pick = others[torch.randperm(others.numel(), generator=generator)[:extra]]
-    return torch.unique(torch.cat([targets, pick.to(device)]), sorted=True)
 
 
 class PrototypeHead(nn.Module):

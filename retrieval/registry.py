@@ -23,13 +23,10 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+from retrieval.models import EMBEDDER_NAMES, FINGERPRINT_TAG, RERANKER_NAMES, model_fingerprint
+
 log = logging.getLogger(__name__)
 
-EMBEDDER_NAMES = {"stage1_embedder": "pailitao-stage1-embedder",
-                  "embedding_model": "pailitao-id-embedder",
-                  "baseline_embedder": "pailitao-contrastive-embedder"}
-RERANKER_NAMES = {"reranker_model": "pailitao-listwise-reranker", "reranker_pointwise": "pailitao-pointwise-reranker"}
-FINGERPRINT_TAG = "pailitao.model_fingerprint"
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -41,7 +38,7 @@ def _bad(row: int, message: str) -> MlflowException:
 def _image(value, limits, row: int):
     """One image cell -> an RGB image or None. bytes as they come (MLflow's server base64-decodes a
     binary column), a str as base64; then the checks and normalization of the service's uploads."""
-    from retrieval.pipeline import QueryError, decode_query_image
+    from retrieval.query import QueryError, decode_query_image
 
     if value is None or isinstance(value, float) and np.isnan(value):
         return None
@@ -80,7 +77,7 @@ class _Model(mlflow.pyfunc.PythonModel):
     limits: dict | None = None   # QueryLimits fields it was registered with (None in a pickle from before)
 
     def _limits(self):
-        from retrieval.pipeline import QueryLimits
+        from retrieval.query import QueryLimits
 
         return QueryLimits(**(self.limits or {}))
 
@@ -150,7 +147,7 @@ def _example_image() -> bytes:
 def log_embedder(model_dir: Path, stage: str, params: dict, catalog_fingerprint: str) -> str:
     """Log the checkpoint to the active run and register it, tagged with the profile, the served
     dim and the catalog it was trained on; returns the registered version."""
-    from retrieval.pipeline import QueryLimits
+    from retrieval.query import QueryLimits
 
     dim = int(params["model"]["served_dim"])
     photo = _example_image()
@@ -167,7 +164,7 @@ def log_embedder(model_dir: Path, stage: str, params: dict, catalog_fingerprint:
 
 def log_reranker(model_dir: Path, stage: str, params: dict, dataset_fingerprint: str) -> str:
     """Log a reranker checkpoint to the active run and register it; returns the registered version."""
-    from retrieval.pipeline import QueryLimits
+    from retrieval.query import QueryLimits
 
     photo = _example_image()
     signature = ModelSignature(
@@ -196,7 +193,6 @@ def _log_and_register(python_model, model_dir: Path, name: str, requirements: li
     import torch
     import transformers
 
-    from retrieval.pipeline import model_fingerprint
 
     tags = {**{k: v for k, v in tags.items() if v}, FINGERPRINT_TAG: model_fingerprint(model_dir)}
     with contextlib.redirect_stderr(io.StringIO()):

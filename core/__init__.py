@@ -1,0 +1,1 @@
+"""The ground floor: configuration, atomic file IO, MLflow tracking and the console. Imports no project package."""
