@@ -68,7 +68,7 @@ def free_port() -> int:
 
 def synthetic_index(n: int, dim: int, params: dict, root: Path) -> tuple[Path, Path, dict]:
     """An item_embeddings-like directory (items.parquet) and a published index of n synthetic items."""
-    from retrieval import index as ix
+    from retrieval import index as ix, index_store
 
     emb_dir, index_dir = root / "item_embeddings", root / "ann_index"
     emb_dir.mkdir(parents=True)
@@ -80,7 +80,7 @@ def synthetic_index(n: int, dim: int, params: dict, root: Path) -> tuple[Path, P
                   "category": cats[np.arange(n) % 500], "group_id": ids, "image": None}
                  ).to_parquet(emb_dir / "items.parquet", index=False)
     gen_s = time.perf_counter() - t0
-    meta = ix.build_and_publish(index_dir, emb, ids, params["ann_index"], model_version="synthetic")
+    meta = index_store.build_and_publish(index_dir, emb, ids, params["ann_index"], model_version="synthetic")
     print(f"synthetic: {n} x {dim} generated in {gen_s:.0f} s, {meta['kind']} built in {meta['build_seconds']:.0f} s, "
           f"recall@10 {meta['recall']:.3f}", flush=True)
     return emb_dir, index_dir, meta
@@ -191,14 +191,14 @@ def main() -> None:
         return serve(args)
 
     from core.config import Paths, load_params
-    from retrieval import index as ix
+    from retrieval import index_store
     params = load_params(args.profile, {"workdir": args.workdir} if args.workdir else None)
     qs = queries(params, 500)
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_search-") as tmp:
         scenarios = []
         if not args.skip_demo:
-            meta = ix.load_current(Paths.from_params(params).asset("ann_index")).meta
+            meta = index_store.load_current(Paths.from_params(params).asset("ann_index")).meta
             scenarios.append(("demo", None, None, meta))
         if args.synthetic:
             scenarios.append((f"synthetic {args.synthetic:,}",

@@ -12,9 +12,9 @@ photos, text-only and photo+text queries as the set mixes them. Every `--publish
 new index version is published the way the lineage does it:
   stage  `pailitao ann_index --profile P --workdir W` in a subprocess: rebuilds the faiss index from
          the existing item_embeddings (no model is trained or run), recall-checks it, publishes it
-         as a new version (retrieval.index.publish: versions/<new>/ + CURRENT swapped) and logs its
+         as a new version (retrieval.index_store.publish: versions/<new>/ + CURRENT swapped) and logs its
          MLflow run, as `dvc repro` / Dagster would;
-  index  the same build + publish (retrieval.index.build_and_publish and the asset's meta.json), in
+  index  the same build + publish (retrieval.index_store.build_and_publish and the asset's meta.json), in
          this process, without the MLflow run.
 The service's reloader polls CURRENT (serving.reload_seconds) and swaps the new version in.
 
@@ -31,7 +31,7 @@ Writes benchmarks/results/soak_<profile>.json and prints a markdown table and a 
 exits 1 when the verdict fails (any error, a failed publish or one never served, RSS end/start over
 --max-rss-growth, or a service that did not shut down gracefully), 2 when the service does not start
 (one line says why). Ctrl-C (or SIGTERM) stops early: the service is stopped and the partial results
-written.
+written. One script though over 500 lines: a benchmark is read and run as one file.
 """
 from __future__ import annotations
 
@@ -199,14 +199,14 @@ def publish_index(params: dict) -> str:
     """The same build + publish as the ann_index stage, without its MLflow run."""
     from core.config import Paths
     from core.io import read_json, write_json
-    from retrieval import index as ix
+    from retrieval import index_store
 
     paths = Paths.from_params(params)
     src_dir, out = paths.asset("item_embeddings"), paths.asset("ann_index")
     src = read_json(src_dir / "meta.json")
     emb = np.load(src_dir / "embeddings.npy")
     ids = pd.read_parquet(src_dir / "items.parquet", columns=["image_id"])["image_id"].astype(str).to_numpy()
-    meta = ix.build_and_publish(out, emb, ids, params["ann_index"], model_version=src["model_version"])
+    meta = index_store.build_and_publish(out, emb, ids, params["ann_index"], model_version=src["model_version"])
     write_json({**meta, "embeddings_fingerprint": src["fingerprint"], "model": src["model"]}, out / "meta.json")
     if not meta["recall_ok"]:
         raise RuntimeError(f"version {meta['version']} failed its recall check: not made current")

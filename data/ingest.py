@@ -68,15 +68,15 @@ def _text(value, clean) -> str | None:
     return clean(str(value)) or None
 
 
-def screen_items(items: pd.DataFrame, params: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+def screen_items(items: pd.DataFrame, validation: dict) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """(usable items, quarantined rows, stats). Titles are NFKC-normalised with whitespace runs
     (newlines too) made one space, and cut to validation.title_max_chars; a row is quarantined, with
     the first reason that applies, for: missing item_id, duplicate item_id (every row of an id given
     more than once: which row its images belong to is unknowable), missing title (shorter than
     validation.title_min_chars), empty category, malformed category path (an empty level, more than
     validation.category_max_depth levels), unknown split value. `category` must hold the normalised
-    key (data/taxonomy.py) already."""
-    v = params.get("validation", {})
+    key (data/taxonomy.py) already. `validation`: params["validation"]."""
+    v = validation
     max_chars = int(v.get("title_max_chars") or DEFAULT_TITLE_MAX_CHARS)
     min_chars = int(v.get("title_min_chars", 1))
     max_depth = int(v.get("category_max_depth") or DEFAULT_MAX_DEPTH)
@@ -177,13 +177,14 @@ def catalog_fingerprint(items: pd.DataFrame, images: pd.DataFrame) -> str:
     return fingerprint([it, im])
 
 
-def build_catalog(src: Source, out_dir: str | Path, params: dict) -> Catalog:
-    """Write the normalized catalog of `src` to out_dir (atomically) and return it."""
+def build_catalog(src: Source, out_dir: str | Path, ingest: dict, validation: dict) -> Catalog:
+    """Write the normalized catalog of `src` to out_dir (atomically) and return it.
+    `ingest`, `validation`: params["ingest"], params["validation"]."""
     out_dir = Path(out_dir)
-    cfg = params["ingest"]
+    cfg = ingest
     if src.items.empty:
         raise CatalogError(f"{src.root}: the catalog has no items")
-    items, item_q, item_stats = screen_items(src.items, params)
+    items, item_q, item_stats = screen_items(src.items, validation)
     images = src.images.reset_index(drop=True).copy()
     if len(item_q):   # the images of a quarantined row go with it, undecoded
         per_item = images["item_id"].value_counts()

@@ -80,12 +80,13 @@ def image_queries(queries: pd.DataFrame) -> pd.DataFrame:
     return queries[~queries["level"].isin(WORD_LEVELS)]
 
 
-def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[pd.DataFrame, list[dict]]:
+def plan_queries(catalog: Catalog, splits: pd.DataFrame, qcfg: dict, noise: dict,
+                 seed: int) -> tuple[pd.DataFrame, list[dict]]:
     """The query table and the rendering tasks (one per noisy image), all decided by the seed.
     Noisy-image rows come first, numbered as before text queries existed; with queries.text_queries,
     each held-out instance (and k) then gets one shopper-words query alone and the same words with
-    its photo at queries.text_image_level (the very image of that level's row when it has one)."""
-    qcfg, seed = params["queries"], params["seed"]
+    its photo at queries.text_image_level (the very image of that level's row when it has one).
+    `qcfg`, `noise`: params["queries"], params["noise"]; `seed`: params["seed"]."""
     with_words = qcfg.get("text_queries", False)
     photo_level, words_level = qcfg.get("text_image_level", "mild"), qcfg.get("text_words_level", "hard")
     items = catalog.items.drop(columns=["split"]).merge(splits[["item_id", "split"]], on="item_id")
@@ -102,7 +103,7 @@ def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[
         rel = f"images/{split}/{folder}/{qid}.{ext}"
         tasks.append({"src": str(catalog.image_file(src["path"])), "level": level,
                       "backgrounds": [str(catalog.image_file(p)) for p in bgs],
-                      "cfg": params["noise"][level], "seed": s, "dst": rel,
+                      "cfg": noise[level], "seed": s, "dst": rel,
                       "format": qcfg["image_format"], "quality": qcfg["image_quality"]})
         return rel, s
 
@@ -118,7 +119,7 @@ def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[
                 for level in qcfg["levels"]:
                     qid = f"{split}-{level}-{len(rows):06d}"
                     rel, s = photos[level] = noisy_image(src, split, group, k, level, qid, level)
-                    text = noise_text(src["title"], level, params["noise"][level], s) if with_text else None
+                    text = noise_text(src["title"], level, noise[level], s) if with_text else None
                     rows.append({"query_id": qid, "split": split, "level": level, "image": rel,
                                  "text": text, "item_id": src["item_id"], "group_id": group,
                                  "source_image_id": src["image_id"], "seed": s, "modality": IMAGE})
@@ -126,7 +127,7 @@ def plan_queries(catalog: Catalog, splits: pd.DataFrame, params: dict) -> tuple[
                     continue
                 ws = noise_seed("words", seed, group, k)
                 own = next((src[c] for c in word_cols if isinstance(src[c], str) and src[c].strip()), None)
-                words = shopper_words(src["title"], params["noise"][words_level], ws, own, words_level)
+                words = shopper_words(src["title"], noise[words_level], ws, own, words_level)
                 same = {"split": split, "text": words, "item_id": src["item_id"], "group_id": group}
                 word_rows.append({"query_id": f"{split}-{TEXT}-{len(word_rows):06d}", "level": TEXT,
                                   "image": None, **same, "source_image_id": None, "seed": ws, "modality": TEXT})
@@ -159,9 +160,10 @@ def given_queries(catalog: Catalog, splits: pd.DataFrame) -> pd.DataFrame:
               "modality"]]
 
 
-def build_query_sets(catalog: Catalog, splits: pd.DataFrame, params: dict, out_dir: Path,
-                     workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Render the query images under out_dir and return (queries, qrels)."""
+def build_query_sets(catalog: Catalog, splits: pd.DataFrame, qcfg: dict, noise: dict, seed: int,
+                     out_dir: Path, workers: int = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Render the query images under out_dir and return (queries, qrels). `qcfg`, `noise`, `seed`:
+    params["queries"], params["noise"], params["seed"] (unused for a manifest's own queries)."""
     if catalog.queries is not None and len(catalog.queries):
         queries = given_queries(catalog, splits)
         for rel in queries["image"].dropna():  # given query images travel with the query set
@@ -170,7 +172,7 @@ def build_query_sets(catalog: Catalog, splits: pd.DataFrame, params: dict, out_d
             if not dst.exists():
                 dst.hardlink_to(catalog.image_file(rel))
     else:
-        queries, tasks = plan_queries(catalog, splits, params)
+        queries, tasks = plan_queries(catalog, splits, qcfg, noise, seed)
         render_queries(tasks, out_dir, workers)
     rel = qrels(queries, catalog.items)
     counts = rel.groupby(["query_id", "level"]).size().unstack(fill_value=0)

@@ -1,14 +1,14 @@
 """Catalog validation: a list of rules run with Great Expectations 1.x (ephemeral context, pandas
 batches).
 
-`validate_tables(items, images, params)` returns one `CheckOutcome` per rule in `RULES`, in that
-order (`CHECK_NAMES`). The Dagster orchestration turns each outcome into an asset check;
-`validated_catalog` refuses to run while `failed_errors(outcomes)` is not empty. Severity "warn"
-outcomes are reported only.
+`validate_tables(items, images, validation, ingest)` (params["validation"], params["ingest"])
+returns one `CheckOutcome` per rule in `RULES`, in that order (`CHECK_NAMES`). The Dagster
+orchestration turns each outcome into an asset check; `validated_catalog` refuses to run while
+`failed_errors(outcomes)` is not empty. Severity "warn" outcomes are reported only.
 
 Bad data never raises: a missing column, an empty table or a wrong dtype becomes a failed outcome
-whose description names the problem. Only programming errors raise (wrong argument types, a params
-dict without the validation / ingest keys, an invalid category regex).
+whose description names the problem. Only programming errors raise (wrong argument types, a
+validation or ingest section without its keys, an invalid category regex).
 
 A rule (data/validation_gx.py `Rule`) plans a handful of expectations on one of a few frames (the
 two tables, or small frames it derives from them with pandas) and words its outcome from their
@@ -45,17 +45,18 @@ def failed_errors(outcomes: Iterable[CheckOutcome]) -> list[CheckOutcome]:
     return [o for o in outcomes if not o.passed and o.severity == "error"]
 
 
-def validate_catalog(catalog, params: dict) -> list[CheckOutcome]:
+def validate_catalog(catalog, validation: dict, ingest: dict) -> list[CheckOutcome]:
     """`validate_tables` on a loaded `data.schema.Catalog` (with its quarantined item rows)."""
-    return validate_tables(catalog.items, catalog.images, params,
+    return validate_tables(catalog.items, catalog.images, validation, ingest,
                            item_quarantine=getattr(catalog, "item_quarantine", None),
                            meta=getattr(catalog, "meta", None))
 
 
-def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict,
+def validate_tables(items: pd.DataFrame, images: pd.DataFrame, validation: dict, ingest: dict,
                     item_quarantine: pd.DataFrame | None = None,
                     meta: dict | None = None) -> list[CheckOutcome]:
     """Run every rule in RULES on the two catalog tables; never raises for bad data.
+    validation, ingest: params["validation"], params["ingest"] (the image size limits);
     item_quarantine: the item rows quarantined at ingest (item_id, row, reason, rule); meta: the
     catalog's meta.json (its titles_truncated count is reported)."""
     if not isinstance(items, pd.DataFrame) or not isinstance(images, pd.DataFrame):
@@ -63,7 +64,7 @@ def validate_tables(items: pd.DataFrame, images: pd.DataFrame, params: dict,
                         f"{type(items).__name__}, {type(images).__name__}")
     import great_expectations.expectations as gxe   # slow import: only when validating
 
-    cfg = Config.from_params(params)
+    cfg = Config.from_params(validation, ingest)
     items, item_dupe_cols = normalize(items)
     images, image_dupe_cols = normalize(images)
     tables = Tables(items=items, images=images, item_dupe_cols=item_dupe_cols,

@@ -1,7 +1,7 @@
 """What the catalog validation rules (data/validation_items.py, data/validation_images.py) share:
-the `Rule` interface, the validation config read from params, the normalised input `Tables`, the
-Great Expectations plumbing that runs every rule's expectations in one ephemeral context, and the
-small formatting helpers the outcomes are worded with.
+the `Rule` interface, the validation config read from the validation and ingest params sections,
+the normalised input `Tables`, the Great Expectations plumbing that runs every rule's expectations
+in one ephemeral context, and the small formatting helpers the outcomes are worded with.
 
 GX runs the expectations and decides pass/fail; each rule words its own outcome from the results.
 """
@@ -43,9 +43,10 @@ class Config:
     category_max_depth: int = 8
 
     @classmethod
-    def from_params(cls, params: dict) -> "Config":
+    def from_params(cls, validation: dict, ingest: dict) -> "Config":
+        """From params["validation"] and params["ingest"] (its image size limits)."""
         try:
-            v, ing = params["validation"], params["ingest"]
+            v, ing = validation, ingest
             share = float(v["quarantine_max_share"])
             item_share = v.get("item_quarantine_max_share")
             cfg = cls(quarantine_max_share=share,
@@ -309,3 +310,9 @@ def empty(table: str, extra: dict | None = None) -> Verdict:
 
 def exception_notes(results: dict[str, Result]) -> list[str]:
     return [f"{label}: GX error {r.exception}" for label, r in results.items() if r.exception]
+
+
+def failed(desc: str, results: dict[str, Result], meta: dict) -> Verdict:
+    """A failed rule's verdict: its description plus any GX exception notes."""
+    notes = exception_notes(results)
+    return False, desc + ("; " + "; ".join(notes) if notes else ""), meta

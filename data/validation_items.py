@@ -13,7 +13,7 @@ import pandas as pd
 from data.schema import ITEM_COLUMNS, SPLITS, reason_class
 from data.taxonomy import KEY_SEPARATOR
 from data.validation_gx import MAX_EXAMPLES, STRING_TYPES, Config, Result, Rule, RulePlan, \
-    Tables, Verdict, as_str, empty, exception_notes, gx_meta, jsonable, not_checked, pct, quote_list
+    Tables, Verdict, as_str, empty, exception_notes, failed, gx_meta, jsonable, not_checked, pct, quote_list
 
 
 class ItemsSchema(Rule):
@@ -142,8 +142,7 @@ class TitlesNonEmpty(Rule):
                 f"{n_short} blank/short)")
         if examples:
             desc += f", e.g. item_id {quote_list(examples)}"
-        notes = exception_notes(res)
-        return False, desc + ("; " + "; ".join(notes) if notes else ""), meta
+        return failed(desc, res, meta)
 
 
 class CategoryFormat(Rule):
@@ -210,8 +209,7 @@ class CategoryFormat(Rule):
         desc = (f"{n_null + n_bad} of {len(items)} categories null or not {rule} ({n_null} null, "
                 f"{n_bad} malformed")
         desc += f", e.g. {quote_list(bad_values)})" if bad_values else ")"
-        notes = exception_notes(res)
-        return False, desc + ("; " + "; ".join(notes) if notes else ""), meta
+        return failed(desc, res, meta)
 
 
 class ItemsQuarantine(Rule):

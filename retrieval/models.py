@@ -147,7 +147,7 @@ def model_by_fingerprint(params: dict, fp: str) -> ModelInfo | None:
 
 def published_meta(index_dir: str | Path) -> dict:
     """meta.json of the index version CURRENT names; FileNotFoundError when nothing is published."""
-    from retrieval.index import current_version
+    from retrieval.index_store import current_version
 
     return read_json(Path(index_dir) / "versions" / current_version(index_dir) / "meta.json")
 

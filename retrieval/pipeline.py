@@ -5,7 +5,7 @@
     serving.hybrid.lexical_weight > 0) -> reranker hook -> top-k items with titles, categories,
     scores and the latency of every stage.
 
-A `Searcher` serves one embedder over one index directory (retrieval/index.py versions). It never
+A `Searcher` serves one embedder over one index directory (retrieval/index_store.py versions). It never
 loads anything on the request path: `refresh()` (called by a background thread in the server, or
 once by the CLI) swaps in a new (index, item table) snapshot in one assignment, so searches already
 running finish on the snapshot they started with.
@@ -28,7 +28,7 @@ import pandas as pd
 from PIL import Image
 
 from core.config import Paths
-from retrieval.index import IndexReader, Loaded
+from retrieval.index_store import IndexReader, Loaded
 from retrieval.lexical import HybridConfig, LexicalIndex, hybrid_merge
 from retrieval.models import ModelInfo, build_reranker, load_embedder, pair_with_index, published_meta
 from retrieval.query import EmptyQuery, NotReady, QueryError, QueryLimits, TooLarge, UnknownItem, decode_query_image

@@ -18,10 +18,10 @@ runs past serving.timeout_s gets 503 too, so the server never hangs. A backgroun
 variant's index directory and swaps a newly published version in (Searcher.refresh), off the
 request path; searches in flight finish on the version they started with.
 
-Every request gets an id (X-Request-Id; /search's request_id) and every error status one JSON shape,
-{"error": {"status", "code", "message", "request_id"}}. A request body must arrive within
-serving.body_read_timeout_s (else 408, connection closed) and at most serving.max_concurrent_uploads
-bodies are read at once (else 503 + Retry-After), so slow or stalled uploads cannot pin the server.
+Every request passes the Guard middleware (serving/guard.py): a request id (X-Request-Id; /search's
+request_id), one JSON error shape, a body read timeout and a cap on uploads read at once. The
+Prometheus metrics are serving/metrics.py's. This module holds the app factory, its routes, the
+search admission gate, building the variants' searchers, and `serve`.
 """
 from __future__ import annotations
 
@@ -33,8 +33,6 @@ import io
 import json
 import logging
 import threading
-import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
 from pathlib import Path
@@ -44,17 +42,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.datastructures import Headers, MutableHeaders, UploadFile
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
-from starlette.routing import Match
 
 from core.config import Paths
 from retrieval.query import NotReady, QueryError, TooLarge, UnknownItem
 from retrieval.models import CHAMPION, build_reranker, load_embedder, pair_with_index, resolve_model, variant_dirs
 from retrieval.pipeline import RERANK_PARTS, Searcher, build_searcher
 from serving.ab import EventLog, UnknownImpression, Variant, assign, variants_from_params
+from serving.guard import Guard, error_response
+from serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).with_name("static")
@@ -69,10 +67,6 @@ class BadParameter(QueryError):
 
 class UnsupportedMedia(QueryError):
     status, code = 415, "unsupported_media_type"
-
-
-class BodyTimeout(Exception):
-    """The request body did not arrive within serving.body_read_timeout_s."""
 
 
 class Overloaded(RuntimeError):
@@ -112,123 +106,6 @@ class Gate:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-class Metrics:
-    """Per-app Prometheus registry (several apps in one process, e.g. tests, never collide)."""
-
-    def __init__(self):
-        self.registry = r = CollectorRegistry()
-        self.requests = Counter("pailitao_requests_total", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
-        self.request_seconds = Histogram("pailitao_request_seconds", "HTTP request latency (incl. queueing)",
-                                         ["endpoint"], registry=r,
-                                         buckets=(.005, .01, .025, .05, .075, .1, .15, .25, .5, 1, 2.5, 5, 10))
-        self.stage_seconds = Histogram("pailitao_search_stage_seconds", "search latency per pipeline stage",
-                                       ["variant", "stage"], registry=r,
-                                       buckets=(.0005, .001, .0025, .005, .01, .02, .03, .05, .075, .1, .25, .5, 1))
-        self.rejected = Counter("pailitao_rejected_total", "searches refused with 503", ["reason"], registry=r)
-        self.in_flight = Gauge("pailitao_searches_admitted", "searches running or queued", registry=r)
-        self.reloads = Counter("pailitao_index_reloads_total", "index versions swapped in", ["variant"], registry=r)
-        self.index_items = Gauge("pailitao_index_vectors", "vectors in the served index", ["variant"], registry=r)
-        self.errors = Counter("pailitao_errors_total", "4xx/5xx answers by route template, status and error code",
-                              ["endpoint", "status", "code"], registry=r)
-        self.disconnects = Counter("pailitao_client_disconnects_total", "clients that hung up before the answer",
-                                   ["endpoint"], registry=r)
-
-
-def _error(request: Request | dict, status: int, code: str, message: str,
-           headers: dict | None = None, extra: dict | None = None) -> JSONResponse:
-    """The one error body (next to any `extra` keys); `request` (or its ASGI scope) gives the
-    request id the Guard assigned, and keeps the code for the error metric."""
-    state = (request.scope if isinstance(request, Request) else request).setdefault("state", {})
-    state["error_code"] = code
-    rid = state.get("request_id", "")
-    error = {"status": status, "code": code, "message": message, "request_id": rid}
-    return JSONResponse({**(extra or {}), "error": error}, status, headers={**(headers or {}), "X-Request-Id": rid})
-
-
-class Guard:
-    """Pure ASGI middleware around the whole app (a BaseHTTPMiddleware would let unhandled
-    exceptions and hang-ups escape uncounted): assigns the request id, counts every answer per
-    route template, bounds how long and how many request bodies are read, turns an unhandled
-    exception into one logged traceback + a 500 in the error shape, and a client that hangs up
-    into one warning line."""
-
-    def __init__(self, app, metrics: Metrics, body_timeout: float, max_uploads: int):
-        self.app, self.metrics = app, metrics
-        self.body_timeout, self.max_uploads = float(body_timeout), max(1, int(max_uploads))
-        self.uploads = 0   # bodies being read now; one event loop, so no lock
-
-    def endpoint(self, scope: dict, before: dict) -> str:
-        """The route template (FastAPI sets scope["route"]); else match the scope as it arrived
-        (mounts and requests refused before routing)."""
-        route = scope.get("route") or next(
-            (r for r in scope["app"].router.routes if r.matches(before)[0] == Match.FULL), None)
-        return getattr(route, "path", "unmatched")
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        before, t0 = dict(scope), time.monotonic()
-        rid = scope.setdefault("state", {})["request_id"] = uuid.uuid4().hex
-        status = None
-        headers = Headers(scope=scope)
-        reading = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
-
-        async def send_(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                MutableHeaders(scope=message).setdefault("x-request-id", rid)
-            await send(message)
-
-        async def receive_():
-            nonlocal reading
-            if not reading:   # body done (later receives only wait for a disconnect): no deadline
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), t0 + self.body_timeout - time.monotonic())
-            except asyncio.TimeoutError:
-                raise BodyTimeout from None
-            if not message.get("more_body"):
-                reading = False
-                self.uploads -= 1
-            return message
-
-        async def answer(*args, **kw):
-            await _error(scope, *args, **kw)(scope, receive, send_)
-
-        if reading and self.uploads >= self.max_uploads:
-            await answer(503, "too_many_uploads", f"{self.max_uploads} uploads are being read already; retry",
-                         {"Retry-After": "1", "Connection": "close"})   # its body stays unread: close
-        else:
-            self.uploads += reading
-            try:
-                await self.app(scope, receive_, send_)
-            except BodyTimeout:
-                if status is None:
-                    await answer(408, "body_timeout", f"the request body did not arrive within "
-                                 f"{self.body_timeout:g} s", {"Connection": "close"})
-            except ClientDisconnect:   # the client hung up: nothing to answer, nothing broken here
-                log.warning("client %s hung up during %s %s after %.1f s (request %s)", (scope.get("client") or
-                            ("?",))[0], scope["method"], scope["path"], time.monotonic() - t0, rid)
-                self.metrics.disconnects.labels(self.endpoint(scope, before)).inc()
-                return
-            except Exception:
-                if status is not None:   # too late for an error answer: uvicorn logs it and drops the connection
-                    raise
-                log.exception("request %s: %s %s failed", rid, scope["method"], scope["path"])
-                await answer(500, "internal_error", f"internal error; quote request id {rid} when reporting it")
-            finally:
-                if reading:
-                    self.uploads -= 1
-        endpoint = self.endpoint(scope, before)
-        if status is not None:
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            if status >= 400:
-                self.metrics.errors.labels(endpoint, str(status), scope["state"].get("error_code", "unknown")).inc()
-        self.metrics.request_seconds.labels(endpoint).observe(time.monotonic() - t0)
 
 
 def build_searchers(params: dict, variants: list[Variant] | None = None) -> dict[str, Searcher]:
@@ -353,27 +230,27 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
 
     @app.exception_handler(QueryError)
     async def query_error(request: Request, e: QueryError):
-        return _error(request, e.status, e.code, str(e))
+        return error_response(request, e.status, e.code, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, e: RequestValidationError):   # FastAPI's own 422s, in our shape
         where = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        return _error(request, 422, "invalid_parameter", where)
+        return error_response(request, 422, "invalid_parameter", where)
 
     @app.exception_handler(NotReady)
     async def not_ready(request: Request, e: NotReady):
-        return _error(request, 503, "not_ready", str(e), {"Retry-After": "5"})
+        return error_response(request, 503, "not_ready", str(e), {"Retry-After": "5"})
 
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, e: Overloaded):
         metrics.rejected.labels(e.reason).inc()
         msg = "too many searches at once" if e.reason == "overloaded" else \
             f"the search did not finish within {gate.timeout:g} s"
-        return _error(request, 503, e.reason, msg, {"Retry-After": "1"})
+        return error_response(request, 503, e.reason, msg, {"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):   # 404 no route, 405, ...
-        return _error(request, e.status_code, HTTPStatus(e.status_code).name.lower(), str(e.detail), e.headers)
+        return error_response(request, e.status_code, HTTPStatus(e.status_code).name.lower(), str(e.detail), e.headers)
 
     def any_searcher() -> Searcher:
         ready = [x for x in searchers.values() if x.ready]
@@ -429,11 +306,11 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
         except (ValueError, KeyError, TypeError):
             raise QueryError('send JSON {"request_id": ..., "item_id": ...}') from None
         if event_log is None:
-            return _error(request, 404, "unknown_impression", "the event log is off (ab.event_log)")
+            return error_response(request, 404, "unknown_impression", "the event log is off (ab.event_log)")
         try:
             return {"duplicate": False, **await asyncio.to_thread(event_log.click, request_id, item_id)}
         except UnknownImpression as e:
-            return _error(request, 404, "unknown_impression", str(e))
+            return error_response(request, 404, "unknown_impression", str(e))
 
     @app.get("/items/{item_id:path}")
     def item(item_id: str):
@@ -456,7 +333,7 @@ def create_app(params: dict, searchers: dict[str, Searcher] | None = None,
         body = {"status": "ok" if ok else "not_ready", "variants": status, "ab": len(variants) > 1,
                 "admitted": gate.admitted, "event_log": str(event_log.path) if event_log else None}
         return JSONResponse(body) if ok else \
-            _error(request, 503, "not_ready", "not every variant serves an index (see variants)", extra=body)
+            error_response(request, 503, "not_ready", "not every variant serves an index (see variants)", extra=body)
 
     @app.get("/metrics")
     def prometheus():

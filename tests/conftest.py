@@ -212,7 +212,8 @@ def tiny_query_sets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny_query_sets")
     params = load_params("tiny", {"workdir": str(root / "work")})
-    catalog = build_catalog(load_source(params, Paths.from_params(params)), root / "catalog", params)
+    catalog = build_catalog(load_source(params, Paths.from_params(params)), root / "catalog", params["ingest"],
+                            params["validation"])
     splits = assign_splits(catalog.items, params["splits"], params["seed"])
-    queries, _ = build_query_sets(catalog, splits, params, root / "queries")
+    queries, _ = build_query_sets(catalog, splits, params["queries"], params["noise"], params["seed"], root / "queries")
     return SimpleNamespace(params=params, catalog=catalog, splits=splits, queries=queries, root=root / "queries")

@@ -91,7 +91,7 @@ def test_paths_leaving_the_catalog_are_quarantined_untouched(hostile_manifest, m
         guard(monkeypatch, no_open, "opened", owner, name, touched)
     guard(monkeypatch, no_stat, "stat'ed", os, "stat", touched)   # os.path.getsize, Path.stat use it
 
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
 
     assert touched == []
     q = cat.quarantine.set_index("item_id")["reason"]

@@ -50,8 +50,8 @@ def test_user_categories_pass_validation(tmp_path, make_params):
     params = make_params()
     root = manifest(tmp_path / "m", [{"category": c, "title": f"thing {i}"}
                                      for i, c in enumerate(USER_CATEGORIES * 2)])
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
-    outcomes = validate_catalog(cat, params)
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
+    outcomes = validate_catalog(cat, params["validation"], params["ingest"])
     assert failed(outcomes) == set(), [o.description for o in failed_errors(outcomes)]
     assert len(cat.items) == 8 and cat.meta["items_quarantined"] == 0
     items = cat.items.set_index("item_id")
@@ -62,11 +62,11 @@ def test_user_categories_pass_validation(tmp_path, make_params):
     # the structural rule on tables too: the keys pass, empty levels and over-deep paths fail
     tables_items, images = make_tables(4)
     tables_items["category"] = [category_key(c) for c in USER_CATEGORIES]
-    params_struct = {**PARAMS, "validation": {**PARAMS["validation"], "category_pattern": None}}
-    assert by_name(validate_tables(tables_items, images, params_struct))["category_format"].passed
+    structural = {**PARAMS["validation"], "category_pattern": None}
+    assert by_name(validate_tables(tables_items, images, structural, PARAMS["ingest"]))["category_format"].passed
     tables_items.loc[1, "category"] = "a/" + "/".join("x" * 9)
     tables_items.loc[2, "category"] = "服装//女装"
-    o = by_name(validate_tables(tables_items, images, params_struct))["category_format"]
+    o = by_name(validate_tables(tables_items, images, structural, PARAMS["ingest"]))["category_format"]
     assert not o.passed and o.metadata["too_deep_count"] == 1 and o.metadata["empty_level_count"] == 1
     assert "服装//女装" in o.description
 
@@ -81,8 +81,9 @@ def test_google_taxonomy_separator_and_normalised_judgments(tmp_path, mlflow_uri
     params = load_params("tiny", {"workdir": str(tmp_path / "work")},
                          sets=["dataset.source=manifest", f"dataset.root={root}",
                                "dataset.category_separator='>'"])
-    cat = build_catalog(load_source(params, Paths.from_params(params)), tmp_path / "cat", params)
-    assert failed(validate_catalog(cat, params)) == set()
+    cat = build_catalog(load_source(params, Paths.from_params(params)), tmp_path / "cat", params["ingest"],
+                        params["validation"])
+    assert failed(validate_catalog(cat, params["validation"], params["ingest"])) == set()
     items = cat.items.set_index("item_id")
     assert items.loc["item000", "category"] == items.loc["item001", "category"] == "électronique/téléphones"
     # a "/" inside a level stays inside it: three levels, not four
@@ -112,7 +113,7 @@ def test_cjk_titles_tokenize_without_unknown_tokens(tmp_path, make_params):
     titles = ["女装连衣裙 夏季 新款", "ｉＰｈｏｎｅ　１５ 手机壳", "Téléphone « portable »", "日本語の商品 😀",
               "Кружка керамическая", "قميص قطني"]
     root = manifest(tmp_path / "m", [{"title": t} for t in titles])
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
     stored = cat.items.set_index("item_id")["title"]
     assert stored["item001"] == "iPhone 15 手机壳"     # NFKC: full-width letters, ideographic space
     tok = build_tokenizer(list(stored), int(params["model"]["presets"]["tiny"]["vocab"]))
@@ -141,9 +142,9 @@ def test_long_titles_are_cut_and_counted(tmp_path, make_params):
     params = make_params({"validation": {"title_max_chars": 40}})
     root = manifest(tmp_path / "m", [{"title": "very long title " * 10}, {"title": "short"},
                                      {"title": "長い" * 30}])
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
     assert cat.items["title"].str.len().max() <= 40 and cat.meta["titles_truncated"] == 2
-    o = by_name(validate_catalog(cat, params))["items_quarantine"]
+    o = by_name(validate_catalog(cat, params["validation"], params["ingest"]))["items_quarantine"]
     assert o.passed and o.metadata["titles_truncated"] == 2 and "2 title(s) cut to 40" in o.description
 
 
@@ -258,7 +259,8 @@ def test_csv_with_bom_and_quoted_newline_loads(tmp_path, make_params):
     src = load_manifest(root)
     assert list(src.items.columns[:3]) == ["item_id", "title", "category"]
     assert len(src.items) == 3 and "brand" in src.items
-    cat = build_catalog(src, tmp_path / "cat", make_params())
+    params = make_params()
+    cat = build_catalog(src, tmp_path / "cat", params["ingest"], params["validation"])
     titles = cat.items.set_index("item_id")["title"]
     assert titles["item000"] == "Mug with handle, 350 ml" and titles["item001"] == 'Hat "classic"'
     assert set(cat.items["item_id"]) == {"item000", "item001", "item002"}

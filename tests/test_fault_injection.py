@@ -1,5 +1,5 @@
 """Faults a long run meets, injected: corrupt files (a flipped byte, a truncated file), a full disk
-in the middle of a write, kill -9 at a random point. For the ANN index versions (retrieval/index.py:
+in the middle of a write, kill -9 at a random point. For the ANN index versions (retrieval/index_store.py:
 a corrupt version is refused and the previous one keeps serving; the served index never tears) and
 the training checkpoints (training/modules.py: a corrupt last.ckpt is refused at resume; a failed
 save keeps the previous one; a resumed run ends with the weights of an uninterrupted one).
@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from core.config import REPO_ROOT, load_params
-from retrieval import index as ix
+from retrieval import index as ix, index_store
 from tests.test_training import LossRecorder, _dataset, tiny  # noqa: F401 - tiny: the module fixture
 from training.data import RandomBatchSampler
 from training.modules import check_checkpoint, fit
@@ -127,16 +127,16 @@ def searcher(root: Path, tmp_path: Path):
 def test_a_corrupt_index_version_is_refused_and_the_previous_one_keeps_serving(name, tmp_path):
     root = tmp_path / "index"
     index, ids = flat()
-    good = ix.publish(root, index, ids, {"model_version": "fp"}).name
-    service, reader = searcher(root, tmp_path), ix.IndexReader(root, use_gpu=False)
+    good = index_store.publish(root, index, ids, {"model_version": "fp"}).name
+    service, reader = searcher(root, tmp_path), index_store.IndexReader(root, use_gpu=False)
     assert service.refresh() and reader.get().meta["version"] == good
-    bad = ix.publish(root, index, ids, {"model_version": "fp"})
+    bad = index_store.publish(root, index, ids, {"model_version": "fp"})
     flip_byte(bad / name)   # faiss and np.load read it without complaint: only the checksum sees it
     message = rf"{bad / name} is corrupt: sha256 [0-9a-f]{{16}}\.\.\., meta.json says"
     with pytest.raises(ValueError, match=message):
-        ix.load_current(root)
+        index_store.load_current(root)
     with pytest.raises(ValueError, match=message):
-        ix.set_current(root, bad.name)
+        index_store.set_current(root, bad.name)
     with pytest.raises(ValueError, match=message):
         reader.get()
     (bad / name).rename(tmp_path / name)   # the reload poll does not read (and hash) it again until CURRENT
@@ -145,7 +145,7 @@ def test_a_corrupt_index_version_is_refused_and_the_previous_one_keeps_serving(n
     (tmp_path / name).rename(bad / name)
     assert not service.refresh() and service.snapshot().version == good and "sha256" in service.last_error
     assert service.snapshot().loaded.search(vectors()[0][:1], 1)[1][0, 0] == "item0"   # still answers
-    fixed = ix.publish(root, index, ids, {"model_version": "fp"}).name   # the next good version goes live
+    fixed = index_store.publish(root, index, ids, {"model_version": "fp"}).name   # the next good version goes live
     assert service.refresh() and service.snapshot().version == fixed == reader.get().meta["version"]
 
 
@@ -170,17 +170,17 @@ def test_a_corrupt_last_ckpt_is_refused_at_resume_naming_it(damage, tmp_path):
 def test_a_full_disk_during_publish_leaves_current_and_the_served_index_as_they_were(how, tmp_path, monkeypatch):
     root = tmp_path / "index"
     index, ids = flat(20_000)   # 1.3 MB: past the 1 kB file size limit
-    good = ix.publish(root, index, ids).name
-    reader = ix.IndexReader(root, use_gpu=False)
+    good = index_store.publish(root, index, ids).name
+    reader = index_store.IndexReader(root, use_gpu=False)
     served = reader.get()
     with monkeypatch.context() as m:
         disk_full(m, faiss, "write_index", how)
         with pytest.raises(OSError, match=rf"index version \S+ not published under {root}, CURRENT unchanged: "
                                           rf".*({'No space left on device' if how == 'enospc' else 'File too large'})"):
-            ix.publish(root, index, ids)
-    assert ix.current_version(root) == good and ix.versions(root) == [good] and temps(root) == []
-    assert reader.get() is served and ix.load_current(root).meta["version"] == good
-    assert ix.publish(root, index, ids).name in ix.versions(root)   # room again: the next publish works
+            index_store.publish(root, index, ids)
+    assert index_store.current_version(root) == good and index_store.versions(root) == [good] and temps(root) == []
+    assert reader.get() is served and index_store.load_current(root).meta["version"] == good
+    assert index_store.publish(root, index, ids).name in index_store.versions(root)   # room again: next publish works
 
 
 @pytest.mark.parametrize("how", ["enospc", "fsize"])
@@ -250,7 +250,7 @@ class Crash(L.Callback):
 def train(work, steps: int, kind: str = "sampler", callbacks=()) -> dict:
     torch.manual_seed(0)
     module = Net()
-    fit(module, make_loader(kind), load_params("tiny"), Path(work), steps, callbacks=list(callbacks))
+    fit(module, make_loader(kind), load_params("tiny")["train"], Path(work), steps, callbacks=list(callbacks))
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
@@ -293,9 +293,10 @@ def test_the_tiny_stage1_training_resumed_ends_with_the_weights_of_an_uninterrup
 
     def run(work, callbacks=()):
         L.seed_everything(0)
-        module = EmbeddingModule(MLLMEmbedder.from_params(tiny["model"], items.table["title"].tolist()), tiny,
-                                 CONTRASTIVE, total_steps=12, dataset=ds)
-        fit(module, loader_of(ds, tiny), tiny, work, 12, callbacks=[HardNegativeMiner(3, 1), *callbacks])
+        module = EmbeddingModule(MLLMEmbedder.from_params(tiny["model"], items.table["title"].tolist()), tiny["model"],
+                                 tiny["train"], tiny["margin"], CONTRASTIVE, total_steps=12, dataset=ds)
+        fit(module, loader_of(ds, tiny["train"], tiny["margin"], tiny["seed"]), tiny["train"], work, 12,
+            callbacks=[HardNegativeMiner(3, 1), *callbacks])
         return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
     with pytest.raises(RuntimeError, match="killed"):
@@ -359,14 +360,14 @@ def test_a_training_killed_at_a_random_point_resumes_to_the_uninterrupted_weight
 # ------------------------------------------------------------------ 3b. index: kill -9 while publishing
 PUBLISH_LOOP = """import sys
 import numpy as np
-from retrieval import index as ix
+from retrieval import index as ix, index_store
 x = np.random.default_rng(0).standard_normal((50_000, 32), dtype=np.float32)
 x /= np.linalg.norm(x, axis=1, keepdims=True)
 index, ids = ix.build_index(x, None, {"kind": "flat", "use_gpu": False}), np.arange(50_000)
-ix.publish(sys.argv[1], index, ids, keep=3)
+index_store.publish(sys.argv[1], index, ids, keep=3)
 print("ready", flush=True)
 while True:
-    ix.publish(sys.argv[1], index, ids, keep=3)
+    index_store.publish(sys.argv[1], index, ids, keep=3)
 """
 WRITE_HANGS = """import sys, time, faiss
 real = faiss.write_index
@@ -376,29 +377,29 @@ def write(index, path):
     time.sleep(120)   # killed here: a whole index.faiss in its temp dir, never renamed into place
 faiss.write_index = write
 import numpy as np
-from retrieval import index as ix
+from retrieval import index as ix, index_store
 x = np.eye(16, dtype=np.float32)
-ix.publish(sys.argv[1], ix.build_index(x, None, {"kind": "flat", "use_gpu": False}), np.arange(16))
+index_store.publish(sys.argv[1], ix.build_index(x, None, {"kind": "flat", "use_gpu": False}), np.arange(16))
 """
 
 
 def test_a_publisher_killed_mid_write_leaves_current_served_and_its_temp_is_removed_next_time(tmp_path):
     root = tmp_path / "index"
-    good = ix.publish(root, *flat()).name
+    good = index_store.publish(root, *flat()).name
     proc = _child(WRITE_HANGS, root)
     _kill(proc)
     [left] = temps(root)
-    assert left.endswith(f"-{proc.pid}@{HOST}") and ix.load_current(root).meta["version"] == good
+    assert left.endswith(f"-{proc.pid}@{HOST}") and index_store.load_current(root).meta["version"] == good
     (root / "versions" / ".tmp-legacy").mkdir()   # no writer in its name, young: may be in use, kept
-    new = ix.publish(root, *flat()).name
-    assert temps(root) == [".tmp-legacy"] and ix.current_version(root) == new
+    new = index_store.publish(root, *flat()).name
+    assert temps(root) == [".tmp-legacy"] and index_store.current_version(root) == new
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_an_index_publisher_killed_at_a_random_point_never_tears_the_served_index(seed, tmp_path):
     root = tmp_path / "index"
     proc = _child(PUBLISH_LOOP, root)
-    reader, seen, errors, stop = ix.IndexReader(root, use_gpu=False), set(), [], threading.Event()
+    reader, seen, errors, stop = index_store.IndexReader(root, use_gpu=False), set(), [], threading.Event()
 
     def serve():   # the service's reload poll, as fast as it goes
         while not stop.is_set():
@@ -419,11 +420,11 @@ def test_an_index_publisher_killed_at_a_random_point_never_tears_the_served_inde
         stop.set()
         poll.join()
     assert errors == [] and len(seen) >= 2
-    for v in ix.versions(root):   # under a final name only ever a whole, checksum-valid version
-        ix.load_version(root, v)
-    current = ix.load_current(root).meta["version"]
-    new = ix.publish(root, *flat()).name   # the next publish works and clears what the dead one left
-    assert ix.current_version(root) == new and temps(root) == [] and current in ix.versions(root)
+    for v in index_store.versions(root):   # under a final name only ever a whole, checksum-valid version
+        index_store.load_version(root, v)
+    current = index_store.load_current(root).meta["version"]
+    new = index_store.publish(root, *flat()).name   # the next publish works and clears what the dead one left
+    assert index_store.current_version(root) == new and temps(root) == [] and current in index_store.versions(root)
 
 
 def test_head_shards_a_saved_checkpoint_names_survive_failed_saves(tmp_path, monkeypatch):

@@ -14,7 +14,8 @@ import faiss
 import numpy as np
 import pytest
 
-from retrieval import index as ix
+from core.gpu import faiss_gpu_available
+from retrieval import index as ix, index_store
 
 REPO = Path(__file__).resolve().parents[1]
 # Recall@10 (items as queries) the defaults reach on this data; the documented floor per kind.
@@ -76,8 +77,8 @@ def test_recall_ivfpq(emb, ivfpq):
 
 def test_search_returns_item_ids(emb, ivfpq, tmp_path):
     ids = np.array([f"sku-{i}" for i in range(len(emb))])
-    ix.publish(tmp_path, ivfpq, ids, {"model_version": "m1"})
-    loaded = ix.load_current(tmp_path)
+    index_store.publish(tmp_path, ivfpq, ids, {"model_version": "m1"})
+    loaded = index_store.load_current(tmp_path)
     assert loaded.meta["search_params"] == {"k_factor": 8.0, "nprobe": 16}  # survive the round trip
     scores, got = loaded.search(emb[[3, 17]], k=5)
     assert list(got[:, 0]) == ["sku-3", "sku-17"] and np.allclose(scores[:, 0], 1, atol=1e-2)
@@ -89,19 +90,19 @@ def test_search_returns_item_ids(emb, ivfpq, tmp_path):
 
 def test_build_and_publish_gates_on_recall(tmp_path):
     e, i = small(2_000)
-    meta = ix.build_and_publish(tmp_path, e, i, {"recall_sample": 200}, model_version="emb@3")
+    meta = index_store.build_and_publish(tmp_path, e, i, {"recall_sample": 200}, model_version="emb@3")
     assert meta["recall"] == 1.0 and meta["recall_ok"] and meta["kind"] == "flat"
     assert meta["model_version"] == "emb@3" and meta["n"] == 2_000 and meta["dim"] == 16
     assert meta["bytes"] == sum(meta["files"].values()) > 2_000 * 16 * 4 and meta["build_seconds"] >= 0
-    assert ix.current_version(tmp_path) == meta["version"]
-    bad = ix.build_and_publish(tmp_path, e, i, {"recall_sample": 200, "min_recall": 1.01})
-    assert not bad["recall_ok"] and bad["version"] in ix.versions(tmp_path)
-    assert ix.current_version(tmp_path) == meta["version"]  # a failing index is kept, not served
+    assert index_store.current_version(tmp_path) == meta["version"]
+    bad = index_store.build_and_publish(tmp_path, e, i, {"recall_sample": 200, "min_recall": 1.01})
+    assert not bad["recall_ok"] and bad["version"] in index_store.versions(tmp_path)
+    assert index_store.current_version(tmp_path) == meta["version"]  # a failing index is kept, not served
 
 
 def test_a_catalog_smaller_than_a_pq_codebook_gets_a_flat_index(tmp_path):
     e, i = small(100)   # < 2**nbits vectors: IVF-PQ settings must not even be computed
-    meta = ix.build_and_publish(tmp_path, e, i, {"recall_sample": 50})
+    meta = index_store.build_and_publish(tmp_path, e, i, {"recall_sample": 50})
     assert meta["kind"] == "flat" and meta["params"] == {} and meta["recall_ok"]
 
 
@@ -114,12 +115,12 @@ def _check_complete(loaded) -> str:
 
 READER_PROCESS = """
 import json, os, sys, time
-from retrieval import index as ix
+from retrieval import index_store
 root, stop = sys.argv[1], sys.argv[2]
 seen, errors, loads = [], [], 0
 while not os.path.exists(stop):
     try:
-        index, ids, meta = ix.load_current(root)
+        index, ids, meta = index_store.load_current(root)
         assert meta["n"] == len(ids) == index.ntotal, (meta["n"], len(ids), index.ntotal)
         assert ids[-1] == f"item{meta['n'] - 1}"
         loads += 1
@@ -133,12 +134,12 @@ print(json.dumps({"loads": loads, "seen": seen, "errors": errors[:5]}))
 
 def test_atomic_publish_under_concurrent_readers(tmp_path):
     e, i = small(4_000)
-    first = ix.publish(tmp_path, ix.build_index(e[:500], None, {"kind": "flat"}), i[:500], keep=2).name
+    first = index_store.publish(tmp_path, ix.build_index(e[:500], None, {"kind": "flat"}), i[:500], keep=2).name
     stop = tmp_path / "STOP"
     proc = subprocess.Popen([sys.executable, "-c", READER_PROCESS, str(tmp_path), str(stop)],
                             stdout=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    reader, seen, errors, done = ix.IndexReader(tmp_path, use_gpu=False), [], [], threading.Event()
+    reader, seen, errors, done = index_store.IndexReader(tmp_path, use_gpu=False), [], [], threading.Event()
 
     def poll():
         while not done.is_set():
@@ -154,7 +155,8 @@ def test_atomic_publish_under_concurrent_readers(tmp_path):
     time.sleep(1.5)  # the process has imported faiss and is polling
     published = []
     for n in (1_000, 3_000, 1_500, 4_000, 2_000, 2_500, 3_500, 1_200):
-        published.append(ix.publish(tmp_path, ix.build_index(e[:n], None, {"kind": "flat"}), i[:n], keep=2).name)
+        published.append(index_store.publish(tmp_path, ix.build_index(e[:n], None, {"kind": "flat"}), i[:n],
+                                             keep=2).name)
         time.sleep(0.1)
     time.sleep(0.5)
     done.set()
@@ -164,16 +166,16 @@ def test_atomic_publish_under_concurrent_readers(tmp_path):
     assert errors == [] and out["errors"] == []
     assert len(seen) >= 3 and set(seen) | set(out["seen"]) <= {first, *published}
     assert out["loads"] > 10 and len(out["seen"]) >= 2 and seen[-1] == out["seen"][-1] == published[-1]
-    assert len(ix.versions(tmp_path)) == 2  # keep=2: old versions are cleaned up
+    assert len(index_store.versions(tmp_path)) == 2  # keep=2: old versions are cleaned up
 
 
 def test_reader_caches_and_swaps(tmp_path):
     e, i = small(1_000)
-    ix.publish(tmp_path, ix.build_index(e[:600], None, {"kind": "flat"}), i[:600])
-    reader = ix.IndexReader(tmp_path, use_gpu=False)
+    index_store.publish(tmp_path, ix.build_index(e[:600], None, {"kind": "flat"}), i[:600])
+    reader = index_store.IndexReader(tmp_path, use_gpu=False)
     first = reader.get()
     assert reader.get() is first  # unchanged pointer: no reload
-    ix.publish(tmp_path, ix.build_index(e, None, {"kind": "flat"}), i)
+    index_store.publish(tmp_path, ix.build_index(e, None, {"kind": "flat"}), i)
     second = reader.get()
     assert second is not first and second.meta["n"] == 1_000
     assert first.search(e[:2], 3)[1].shape == (2, 3)  # an in-flight holder of the old version still works
@@ -183,12 +185,12 @@ def test_reader_caches_and_swaps(tmp_path):
 def test_cleanup_keeps_current_and_previous(tmp_path):
     e, i = small(300)
     index = ix.build_index(e, None, {"kind": "flat"})
-    names = [ix.publish(tmp_path, index, i, keep=1).name for _ in range(4)]
-    assert ix.versions(tmp_path) == names[-2:]
-    ix.set_current(tmp_path, names[-2])  # rollback
-    ix.cleanup(tmp_path, keep=1)
-    assert ix.versions(tmp_path) == names[-2:]  # the newest is kept by keep=1, the current by rule
-    assert ix.current_version(tmp_path) == names[-2]
+    names = [index_store.publish(tmp_path, index, i, keep=1).name for _ in range(4)]
+    assert index_store.versions(tmp_path) == names[-2:]
+    index_store.set_current(tmp_path, names[-2])  # rollback
+    index_store.cleanup(tmp_path, keep=1)
+    assert index_store.versions(tmp_path) == names[-2:]  # the newest is kept by keep=1, the current by rule
+    assert index_store.current_version(tmp_path) == names[-2]
 
 
 def test_bad_inputs(tmp_path):
@@ -215,46 +217,46 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="index holds 300 vectors"):
         ix.recall_at_k(index, e[:100])
     with pytest.raises(FileNotFoundError, match="no published index"):
-        ix.load_current(tmp_path)
+        index_store.load_current(tmp_path)
     with pytest.raises(FileNotFoundError, match="no published index"):
-        ix.IndexReader(tmp_path).get()
+        index_store.IndexReader(tmp_path).get()
 
 
 def test_corrupt_or_partial_version_never_current(tmp_path):
     e, i = small(500)
     index = ix.build_index(e, None, {"kind": "flat"})
-    good = ix.publish(tmp_path, index, i).name
+    good = index_store.publish(tmp_path, index, i).name
     # a writer that dies mid-write (meta not serialisable, after index and ids were written)
     with pytest.raises(TypeError):
-        ix.publish(tmp_path, index, i, {"oops": object()})
-    assert ix.versions(tmp_path) == [good] and not list((tmp_path / "versions").glob(".tmp-*"))
+        index_store.publish(tmp_path, index, i, {"oops": object()})
+    assert index_store.versions(tmp_path) == [good] and not list((tmp_path / "versions").glob(".tmp-*"))
     # leftovers of a writer killed hard: a temp dir, a dir without meta.json; neither is a version to serve
     (tmp_path / "versions" / ".tmp-x").mkdir()
     (tmp_path / "versions" / ".tmp-x" / "index.faiss").write_bytes(b"half")
     (tmp_path / "versions" / "zz-no-meta").mkdir()
     with pytest.raises(FileNotFoundError, match="no meta.json"):
-        ix.set_current(tmp_path, "zz-no-meta")
+        index_store.set_current(tmp_path, "zz-no-meta")
     # a complete version whose index file is later truncated
-    bad = ix.publish(tmp_path, index, i, make_current=False)
+    bad = index_store.publish(tmp_path, index, i, make_current=False)
     with open(bad / "index.faiss", "r+b") as f:
         f.truncate(1000)
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        ix.set_current(tmp_path, bad.name)
+        index_store.set_current(tmp_path, bad.name)
     (bad / "meta.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt .*meta.json"):
-        ix.load_version(tmp_path, bad.name)
-    assert ix.current_version(tmp_path) == good and _check_complete(ix.load_current(tmp_path)) == good
+        index_store.load_version(tmp_path, bad.name)
+    assert index_store.current_version(tmp_path) == good and _check_complete(index_store.load_current(tmp_path)) == good
     (tmp_path / "CURRENT").write_text("\n")
     with pytest.raises(ValueError, match="no valid version name"):
-        ix.load_current(tmp_path)
+        index_store.load_current(tmp_path)
 
 
-@pytest.mark.skipif(not ix.gpu_available(), reason="needs faiss-gpu and a GPU")
+@pytest.mark.skipif(not faiss_gpu_available(), reason="needs faiss-gpu and a GPU")
 def test_gpu_build_and_serve(emb, tmp_path):
     index = ix.build_index(emb, None, {"kind": "ivfpq", "use_gpu": True})
     assert not ix.is_gpu_index(index) and ix.recall_at_k(index, emb, use_gpu=True) >= FLOOR["ivfpq"]
-    ix.publish(tmp_path, index, np.arange(len(emb)))
-    loaded = ix.IndexReader(tmp_path, use_gpu=True).get()
+    index_store.publish(tmp_path, index, np.arange(len(emb)))
+    loaded = index_store.IndexReader(tmp_path, use_gpu=True).get()
     assert ix.is_gpu_index(loaded.index)
     assert ix.recall_at_k(loaded.index, emb) >= FLOOR["ivfpq"]
     assert loaded.search(emb[:4], 1)[1][:, 0].tolist() == [0, 1, 2, 3]

@@ -23,7 +23,7 @@ REASONS = {"empty": img.EMPTY, "truncated": img.CORRUPT, "not_image": img.NOT_IM
 def test_bad_images_are_quarantined_with_their_reason(tmp_path, make_params):
     params = make_params()
     root = write_manifest(tmp_path / "m", n_items=20, bad=BAD)
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
     q = cat.quarantine.set_index("item_id")["reason"]
     for i, kind in BAD.items():
         assert q[f"item{i:03d}"].startswith(REASONS[kind]), (kind, q[f"item{i:03d}"])
@@ -38,11 +38,11 @@ def test_bad_images_are_quarantined_with_their_reason(tmp_path, make_params):
 def test_quarantine_share_decides_the_check(tmp_path, make_params):
     root = write_manifest(tmp_path / "m", n_items=20, bad=BAD)  # 5 of 25 images bad: 20%
     strict = make_params({"validation": {"quarantine_max_share": 0.1}})
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", strict)
-    names = {o.name for o in failed_errors(validate_catalog(cat, strict))}
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", strict["ingest"], strict["validation"])
+    names = {o.name for o in failed_errors(validate_catalog(cat, strict["validation"], strict["ingest"]))}
     assert "images_decode" in names
     lenient = make_params({"validation": {"quarantine_max_share": 0.5}})
-    outcomes = {o.name: o for o in validate_catalog(cat, lenient)}
+    outcomes = {o.name: o for o in validate_catalog(cat, lenient["validation"], lenient["ingest"])}
     assert outcomes["images_decode"].passed
     assert "5" in outcomes["images_decode"].description
 
@@ -50,7 +50,8 @@ def test_quarantine_share_decides_the_check(tmp_path, make_params):
 def test_size_rules_use_params(tmp_path, make_params):
     params = make_params({"ingest": {"min_side": 100, "max_aspect": 1.2}})
     root = write_manifest(tmp_path / "m", n_items=2)
-    cat = build_catalog(load_manifest(root), tmp_path / "cat", params)  # drawings are 120 x 90
+    # drawings are 120 x 90
+    cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
     assert cat.quarantine["reason"].str.startswith(img.TOO_SMALL).all()
 
 
@@ -77,13 +78,13 @@ def test_failed_rebuild_keeps_the_previous_catalog(tmp_path, make_params, monkey
     params = make_params()
     root = write_manifest(tmp_path / "m", n_items=4)
     out = tmp_path / "cat"
-    first = build_catalog(load_manifest(root), out, params)
+    first = build_catalog(load_manifest(root), out, params["ingest"], params["validation"])
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
     monkeypatch.setattr(ingest, "normalize_all", boom)
     with pytest.raises(RuntimeError):
-        build_catalog(load_manifest(root), out, params)
+        build_catalog(load_manifest(root), out, params["ingest"], params["validation"])
     again = Catalog.load(out)
     assert again.meta == first.meta and len(again.items) == 4
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # no half-written leftovers
@@ -93,9 +94,9 @@ def test_second_ingest_reuses_normalized_images(tmp_path, make_params):
     params = make_params()
     root = write_manifest(tmp_path / "m", n_items=4)
     out = tmp_path / "cat"
-    a = build_catalog(load_manifest(root), out, params)
+    a = build_catalog(load_manifest(root), out, params["ingest"], params["validation"])
     inode = {r: os.stat(a.image_file(r)).st_ino for r in a.ok_images["path"]}
-    b = build_catalog(load_manifest(root), out, params)
+    b = build_catalog(load_manifest(root), out, params["ingest"], params["validation"])
     assert b.meta["fingerprint"] == a.meta["fingerprint"]
     assert all(os.stat(b.image_file(r)).st_ino == i for r, i in inode.items())  # linked, not rewritten
 
@@ -108,5 +109,5 @@ def test_parallel_reingest_with_byte_twins(tmp_path, make_params):
     twins = pd.DataFrame({"item_id": images["item_id"].iloc[0], "image": images["image"].tolist() * 10})
     pd.concat([images, twins]).to_csv(root / "images.csv", index=False)  # > 64 images: the pool runs
     for _ in range(2):
-        cat = build_catalog(load_manifest(root), tmp_path / "cat", params)
+        cat = build_catalog(load_manifest(root), tmp_path / "cat", params["ingest"], params["validation"])
         assert len(cat.quarantine) == 0 and len(cat.images) == len(images) + len(twins)

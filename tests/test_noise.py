@@ -12,7 +12,8 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
-from data.noise import LEVELS, noise_image, noise_text, procedural_background
+from data.noise import LEVELS, noise_image, noise_text
+from data.noise_image_ops import procedural_background
 
 REPO = Path(__file__).resolve().parents[1]
 NOISE = yaml.safe_load((REPO / "params.yaml").read_text())["base"]["noise"]

@@ -16,7 +16,7 @@ from pailitao.cli import main
 from core.config import Paths, deep_merge
 from core.io import read_json
 from retrieval.registry import EMBEDDER_NAMES
-from retrieval import index as ix
+from retrieval import index_store
 from retrieval import pipeline as pl
 from retrieval import models as rm
 from retrieval import query as rq
@@ -48,7 +48,7 @@ def test_item_embeddings_and_index_cover_the_catalog(tiny_lineage, catalog):
     assert meta["model"] == served.name in ("embedding_model", "baseline_embedder")
     assert meta["model_version"] == served.fingerprint == rm.model_fingerprint(paths.asset(served.name) / "model")
     assert (emb_dir.parent / items["image"].iloc[0]).is_file()   # paths resolve from the parent
-    current = ix.load_current(paths.asset("ann_index"))
+    current = index_store.load_current(paths.asset("ann_index"))
     assert current.meta["model_version"] == meta["model_version"] and current.index.ntotal == len(g)
     passed, desc, info = check_ann_index(tiny_lineage)
     assert passed and info["recall"] == 1.0 and "recall@10" in desc
@@ -83,7 +83,7 @@ def test_recall_check_fails_and_keeps_serving_the_previous_version(tiny_lineage,
     bad = ann_index(bad_params, out=tmp_path / "idx")
     passed, desc, _ = check_ann_index(bad_params, tmp_path / "idx")
     assert not passed and "kept but not made current" in desc
-    assert ix.current_version(tmp_path / "idx") == good.info["version"] != bad.info["version"]
+    assert index_store.current_version(tmp_path / "idx") == good.info["version"] != bad.info["version"]
     assert paths.asset("ann_index").is_dir()
 
 
@@ -124,7 +124,7 @@ def test_search_returns_distinct_items_with_metadata_and_latency(searcher, catal
     assert d["results"][0]["title"] == first["title"] and d["results"][0]["category"] == first["category"]
     assert set(d["latency_ms"]) == {"decode", "embed", "ann", "rerank", "total"}
     assert d["latency_ms"]["total"] >= d["latency_ms"]["embed"] > 0
-    assert d["index_version"] == ix.current_version(Paths.from_params(tiny_lineage).asset("ann_index"))
+    assert d["index_version"] == index_store.current_version(Paths.from_params(tiny_lineage).asset("ann_index"))
     text_only = searcher.search(None, "handbag", k=3)
     assert len(text_only.results) == 3 and text_only.latency_ms["decode"] < 5
     with pytest.raises(rq.EmptyQuery):

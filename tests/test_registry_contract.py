@@ -26,7 +26,7 @@ from core.config import REPO_ROOT, Paths, deep_merge
 from core.io import read_json, write_json
 from retrieval.registry import EMBEDDER_NAMES, FINGERPRINT_TAG, RERANKER_NAMES, log_embedder
 from core.tracking import start_run
-from retrieval import index as ix
+from retrieval import index_store
 from retrieval import pipeline as pl
 from retrieval import models as rm
 from retrieval import query as rq
@@ -175,7 +175,7 @@ def test_a_champion_from_another_run_is_not_paired_with_this_index(tiny_lineage,
     index's dim; when no checkpoint built it, it refuses."""
     stage, name, version = champion(store)
     paths = Paths.from_params(tiny_lineage)
-    meta = ix.load_current(paths.asset("ann_index")).meta
+    meta = index_store.load_current(paths.asset("ann_index")).meta
     elsewhere = deep_merge(tiny_lineage, {"model": {"served_dim": 64}})
     with start_run(stage, elsewhere, "another-catalog"):
         new = log_embedder(paths.asset("stage1_embedder") / "model", stage, elsewhere, "another-catalog")
@@ -190,7 +190,7 @@ def test_a_champion_from_another_run_is_not_paired_with_this_index(tiny_lineage,
         # an index no known checkpoint built: refused in one line, never served by the champion
         orphan = _copy_index(elsewhere, tmp_path / "orphan")
         root = Paths.from_params(orphan).asset("ann_index")
-        vmeta = root / "versions" / ix.current_version(root) / "meta.json"
+        vmeta = root / "versions" / index_store.current_version(root) / "meta.json"
         write_json({**read_json(vmeta), "model_version": "0" * 16}, vmeta)
         with pytest.raises(rm.NothingToServe, match="built by model 0000000000000000"):
             build_searchers(orphan)

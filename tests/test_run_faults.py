@@ -58,7 +58,7 @@ def train(work: str, hang: str = "-1") -> None:
         torch.manual_seed(0)
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=8)
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
-        fit(Tiny(), data, params, Path(work), 8, logger, [Hang()])
+        fit(Tiny(), data, params["train"], Path(work), 8, logger, [Hang()])
 
 
 # stage processes that print "ready" and wait to be killed: one with its run open, one in the middle

@@ -16,7 +16,7 @@ from PIL import Image
 from data.schema import Catalog
 from evaluation.retrieval import gallery
 from core.config import Paths, deep_merge
-from retrieval import index as ix
+from retrieval import index_store
 from retrieval import pipeline as pl
 from retrieval import query as rq
 from serving.ab import EventLog
@@ -178,7 +178,7 @@ def test_new_index_is_picked_up_while_requests_are_in_flight(tiny_lineage, searc
     ids = pd.read_parquet(emb_dir / "items.parquet")["image_id"].to_numpy()
     root = tmp_path / "ann_index"
     cfg = {"recall_sample": 50}
-    v1 = ix.build_and_publish(root, emb, ids, cfg, model_version=searcher.model.fingerprint)["version"]
+    v1 = index_store.build_and_publish(root, emb, ids, cfg, model_version=searcher.model.fingerprint)["version"]
     live = pl.Searcher(searcher.embedder, searcher.model, root, emb_dir, searcher.dim, reranker=slow(0.5))
     live.refresh()
     app = app_with(tiny_lineage, live, tmp_path, concurrency=4, queue=16, timeout_s=10, reload_seconds=0.05)
@@ -197,8 +197,8 @@ def test_new_index_is_picked_up_while_requests_are_in_flight(tiny_lineage, searc
         early = threading.Thread(target=lambda: in_flight.update(r=c.post("/search", data={"text": "cap"})))
         early.start()
         time.sleep(0.2)                       # `early` is in the pipeline, on v1
-        v2 = ix.build_and_publish(root, emb, ids, cfg,
-                                  model_version=searcher.model.fingerprint)["version"]
+        v2 = index_store.build_and_publish(root, emb, ids, cfg,
+                                           model_version=searcher.model.fingerprint)["version"]
         deadline = time.monotonic() + 5
         while c.get("/healthz").json()["variants"]["default"]["index_version"] != v2:
             assert time.monotonic() < deadline, "new index not picked up"
@@ -207,7 +207,7 @@ def test_new_index_is_picked_up_while_requests_are_in_flight(tiny_lineage, searc
         assert in_flight["r"].status_code == 200 and in_flight["r"].json()["index_version"] == v1
         assert c.post("/search", data={"text": "cap"}).json()["index_version"] == v2
         # an index built by another model is refused: v2 keeps serving, health says why
-        ix.build_and_publish(root, emb, ids, cfg, model_version="someone-else")
+        index_store.build_and_publish(root, emb, ids, cfg, model_version="someone-else")
         time.sleep(0.3)
         health = c.get("/healthz").json()["variants"]["default"]
         assert health["index_version"] == v2 and "built by model someone-else" in health["error"]

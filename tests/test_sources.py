@@ -27,7 +27,8 @@ def test_clean_title_drops_counters_and_separators():
 
 def test_openclipart_twins_join_one_instance(openclipart_tree, make_params):
     params = make_params({"dataset": {"source": "openclipart", "root": str(openclipart_tree)}})
-    cat = build_catalog(load_openclipart(openclipart_tree), Paths.from_params(params).asset("raw"), params)
+    cat = build_catalog(load_openclipart(openclipart_tree), Paths.from_params(params).asset("raw"), params["ingest"],
+                        params["validation"])
     g = cat.items.set_index("item_id")["group_id"]
     assert g["food--desserts--cone1_ganson"] == g["food--desserts--cone1_bw_ganson"]          # _bw version
     assert g["transportation--hummer_01"] == g["transportation--vehicles--hummer_01"]          # other size
@@ -82,7 +83,7 @@ def test_synthetic_source_is_labelled(make_params):
     params = make_params()
     src = load_source(params, Paths.from_params(params))
     assert src.synthetic and src.name == "synthetic"
-    cat = build_catalog(src, Paths.from_params(params).asset("raw"), params)
+    cat = build_catalog(src, Paths.from_params(params).asset("raw"), params["ingest"], params["validation"])
     assert cat.meta["synthetic"] is True and cat.meta["source"] == "synthetic"
 
 

@@ -53,12 +53,12 @@ def test_text_queries_never_equal_the_title(tiny_query_sets):
 
 def test_image_rows_are_unchanged_and_plans_are_deterministic(tiny_query_sets):
     t = tiny_query_sets
-    with_words, tasks = plan_queries(t.catalog, t.splits, t.params)
-    again, tasks_again = plan_queries(t.catalog, t.splits, t.params)
+    with_words, tasks = plan_queries(t.catalog, t.splits, t.params["queries"], t.params["noise"], t.params["seed"])
+    again, tasks_again = plan_queries(t.catalog, t.splits, t.params["queries"], t.params["noise"], t.params["seed"])
     pd.testing.assert_frame_equal(with_words, again)
     assert tasks == tasks_again
     off = deep_merge(t.params, {"queries": {"text_queries": False}})
-    without, tasks_without = plan_queries(t.catalog, t.splits, off)
+    without, tasks_without = plan_queries(t.catalog, t.splits, off["queries"], off["noise"], off["seed"])
     assert set(without["modality"]) == {IMAGE}
     # the noisy-image rows (ids, images, texts, seeds) and the images rendered are those of before
     pd.testing.assert_frame_equal(image_queries(with_words).reset_index(drop=True), without)
@@ -68,7 +68,7 @@ def test_image_rows_are_unchanged_and_plans_are_deterministic(tiny_query_sets):
 def test_image_text_photo_is_rendered_when_its_level_is_not_a_query_level(tiny_query_sets):
     t = tiny_query_sets
     params = deep_merge(t.params, {"queries": {"levels": ["clean", "hard"]}})
-    q, tasks = plan_queries(t.catalog, t.splits, params)
+    q, tasks = plan_queries(t.catalog, t.splits, params["queries"], params["noise"], params["seed"])
     photo_words = q[q["modality"] == IMAGE_TEXT]
     own = [task for task in tasks if "/image_text/" in task["dst"]]
     assert len(own) == len(photo_words) and {task["level"] for task in own} == {"mild"}
@@ -78,7 +78,8 @@ def test_image_text_photo_is_rendered_when_its_level_is_not_a_query_level(tiny_q
 def test_words_come_from_keywords_when_the_catalog_has_them(tiny_query_sets):
     t = tiny_query_sets
     items = t.catalog.items.assign(keywords=lambda d: "kw-" + d["item_id"] + ", the gift, handmade")
-    q, _ = plan_queries(dataclasses.replace(t.catalog, items=items), t.splits, t.params)
+    q, _ = plan_queries(dataclasses.replace(t.catalog, items=items), t.splits, t.params["queries"], t.params["noise"],
+                        t.params["seed"])
     words = q[q["modality"] == TEXT]
     assert (words["text"] == "kw-" + words["item_id"] + " gift handmade").all()   # stop words dropped
 
@@ -121,7 +122,7 @@ def test_query_groups_are_the_levels_for_generated_queries(tiny_query_sets):
 def test_words_level_is_configurable(level, tiny_query_sets):
     t = tiny_query_sets
     params = deep_merge(t.params, {"queries": {"text_words_level": level}})
-    q, _ = plan_queries(t.catalog, t.splits, params)
+    q, _ = plan_queries(t.catalog, t.splits, params["queries"], params["noise"], params["seed"])
     titles = t.catalog.items.set_index("item_id")["title"]
     words = q[q["modality"] == TEXT]
     assert not any(norm(a) == norm(b) for a, b in zip(words["text"], titles.loc[words["item_id"]]))

@@ -46,7 +46,7 @@ def _dataset(params):
     items = TrainItems.from_catalog(catalog, pd.read_parquet(paths.asset("splits") / "splits.parquet"))
     groups = {g: i for i, g in enumerate(sorted(items.table["group_id"].unique()))}
     labels = dict(zip(items.table["item_id"], items.table["group_id"].map(groups)))
-    return items, PairDataset(items, labels, params)
+    return items, PairDataset(items, labels, params["train"], params["noise"], params["seed"])
 
 
 class LossRecorder(L.Callback):
@@ -67,22 +67,26 @@ def test_tiny_contrastive_training_loss_goes_down(tiny, tmp_path):
     items, ds = _dataset(params)
     L.seed_everything(0)
     module = EmbeddingModule(MLLMEmbedder.from_params(params["model"], items.table["title"].tolist()),
-                             params, CONTRASTIVE, total_steps=40, dataset=ds)
+                             params["model"], params["train"], params["margin"], CONTRASTIVE, total_steps=40,
+                             dataset=ds)
     rec = LossRecorder()
-    fit(module, make_loader(ds, params), params, tmp_path, 40, callbacks=[rec])
+    fit(module, make_loader(ds, params["train"], params["margin"], params["seed"]), params["train"], tmp_path, 40,
+        callbacks=[rec])
     assert np.mean(rec.losses[-8:]) < 0.8 * np.mean(rec.losses[:8]), rec.losses
 
 
 def test_killed_run_resumes_from_its_checkpoint(tiny, tmp_path):
     items, ds = _dataset(tiny)
     make = lambda: EmbeddingModule(MLLMEmbedder.from_params(tiny["model"], items.table["title"].tolist()),
-                                   tiny, CONTRASTIVE, total_steps=6, dataset=ds)
+                                   tiny["model"], tiny["train"], tiny["margin"], CONTRASTIVE, total_steps=6,
+                                   dataset=ds)
     killed = LossRecorder(fail_at=4)
+    loader = lambda: make_loader(ds, tiny["train"], tiny["margin"], tiny["seed"])
     with pytest.raises(RuntimeError, match="killed"):
-        fit(make(), make_loader(ds, tiny), tiny, tmp_path, 6, callbacks=[killed])
+        fit(make(), loader(), tiny["train"], tmp_path, 6, callbacks=[killed])
     assert (tmp_path / "ckpt/last.ckpt").is_file()
     resumed = LossRecorder()
-    trainer = fit(make(), make_loader(ds, tiny), tiny, tmp_path, 6, callbacks=[resumed])
+    trainer = fit(make(), loader(), tiny["train"], tmp_path, 6, callbacks=[resumed])
     assert resumed.steps[0] == tiny["train"]["val_check_steps"]  # continued from the step-3 checkpoint
     assert trainer.global_step == 6
 
@@ -100,10 +104,11 @@ def _id_module(params, steps):
     m = params["model"]
     head = ShardedPrototypeHead(np.load(root / "centroids.npy"), m["mrl_dims"], m["mrl_weights"], 0.2, 0.05,
                                 knn_fraction=0.3, refresh_steps=2)
-    ds = PairDataset(items, labels, params)
+    ds = PairDataset(items, labels, params["train"], params["noise"], params["seed"])
     module = EmbeddingModule(MLLMEmbedder.from_pretrained(paths.asset("stage1_embedder") / "model"),
-                             params, ID, total_steps=steps, head=head, dataset=ds)
-    return module, make_loader(ds, params, head.neighbours(4))
+                             params["model"], params["train"], params["margin"], ID, total_steps=steps, head=head,
+                             dataset=ds)
+    return module, make_loader(ds, params["train"], params["margin"], params["seed"], head.neighbours(4))
 
 
 def test_info_nce_and_margin_terms_both_move_the_stage3_loss(tiny):
@@ -131,7 +136,7 @@ def test_stage3_trains_with_several_views_per_prototype(tiny, tmp_path):
     batch = next(iter(loader))
     assert len(batch["label"]) == params["train"]["batch_size"]
     assert len(set(batch["index"].tolist())) == params["train"]["batch_size"] // 2
-    fit(module, loader, params, tmp_path / "run", 2)
+    fit(module, loader, params["train"], tmp_path / "run", 2)
     assert module.trainer.global_step == 2 and torch.isfinite(module.trainer.callback_metrics["train/loss"])
 
 
@@ -140,7 +145,7 @@ def test_similar_batch_sampler_follows_the_refreshed_graph(tiny, tmp_path):
     neighbours at the same step (the tiny profile refreshes every 2 steps)."""
     module, loader = _id_module(tiny, 4)
     first = loader.batch_sampler.neighbours
-    fit(module, loader, tiny, tmp_path / "run", 4)
+    fit(module, loader, tiny["train"], tmp_path / "run", 4)
     assert module.head.num_refreshes > 1 and loader.batch_sampler.neighbours is not first
 
 
@@ -160,13 +165,13 @@ def test_killed_id_run_resumes_its_prototype_rows(tiny, tmp_path):
     rows the uninterrupted run had at that step, not from the centroids."""
     steps, ckpt_step = 5, tiny["train"]["val_check_steps"]
     straight = RowsAt(ckpt_step)
-    fit(*_id_module(tiny, steps), tiny, tmp_path / "straight", steps, callbacks=[straight])
+    fit(*_id_module(tiny, steps), tiny["train"], tmp_path / "straight", steps, callbacks=[straight])
     with pytest.raises(RuntimeError, match="killed"):
-        fit(*_id_module(tiny, steps), tiny, tmp_path / "k", steps, callbacks=[LossRecorder(fail_at=4)])
+        fit(*_id_module(tiny, steps), tiny["train"], tmp_path / "k", steps, callbacks=[LossRecorder(fail_at=4)])
     module, loader = _id_module(tiny, steps)
     initial = module.head.rows.clone()
     resumed = RowsAt()
-    trainer = fit(module, loader, tiny, tmp_path / "k", steps, callbacks=[resumed])
+    trainer = fit(module, loader, tiny["train"], tmp_path / "k", steps, callbacks=[resumed])
     assert trainer.global_step == steps and resumed.head_step == straight.head_step == ckpt_step
     assert torch.equal(resumed.rows, straight.rows) and not torch.equal(resumed.rows, initial)
     assert module.head.step == steps
@@ -215,10 +220,12 @@ DDP_SCRIPT = textwrap.dedent("""
     m = params["model"]
     head = ShardedPrototypeHead(np.load(paths.asset("semantic_prototypes") / "centroids.npy"), m["mrl_dims"],
                                 m["mrl_weights"], 0.2, 0.05, knn_fraction=0.5, refresh_steps=2)
-    ds = PairDataset(items, labels, params)
+    ds = PairDataset(items, labels, params["train"], params["noise"], params["seed"])
     module = EmbeddingModule(MLLMEmbedder.from_pretrained(paths.asset("stage1_embedder") / "model"),
-                             params, ID, total_steps=3, head=head, dataset=ds)
-    trainer = fit(module, make_loader(ds, params, head.neighbours(4)), params, out, 3)
+                             params["model"], params["train"], params["margin"], ID, total_steps=3, head=head,
+                             dataset=ds)
+    loader = make_loader(ds, params["train"], params["margin"], params["seed"], head.neighbours(4))
+    trainer = fit(module, loader, params["train"], out, 3)
     print(f"RANK {trainer.global_rank} WORLD {trainer.world_size} STEPS {trainer.global_step} "
           f"ROWS {head.rows.shape[0]} OF {head.num_classes}")
 """)

@@ -16,6 +16,9 @@ checkpoint directory whose tokenizer gets ``<|EMB|>`` added. Nothing is ever dow
 
 Everything that depends on the model family (config building, how many placeholder tokens an image
 takes, the forward call) lives in :data:`FAMILIES`; the rest is family-agnostic.
+
+One module though over 500 lines: the prompt layout, the tokenizer set-up and the pooling are one
+contract with the reranker and every saved checkpoint; it changes as one thing.
 """
 from __future__ import annotations
 

@@ -43,13 +43,14 @@ class PairDataset(torch.utils.data.Dataset):
     """(item side, query side, label) per train item; the query view is drawn per epoch and index,
     deterministically from the seed (indices are virtual: epoch * len + i). `labels` maps item_id -> class (instance or prototype)."""
 
-    def __init__(self, items: TrainItems, labels: dict[str, int], params: dict):
+    def __init__(self, items: TrainItems, labels: dict[str, int], train: dict, noise: dict, seed: int):
+        """train, noise, seed: params["train"], params["noise"], params["seed"]."""
         self.t = items.table[items.table["item_id"].isin(labels)].reset_index(drop=True)
         self.labels = torch.tensor([labels[i] for i in self.t["item_id"]])
-        self.level = params["train"]["noisy_view_level"]
-        self.text_only = float(params["train"].get("text_only_share", 0.0))
-        self.noise = params["noise"][self.level]
-        self.seed = params["seed"]
+        self.level = train["noisy_view_level"]
+        self.text_only = float(train.get("text_only_share", 0.0))
+        self.noise = noise[self.level]
+        self.seed = seed
         self.pool = self.t["image"].tolist()   # clutter backgrounds: other train catalog images
 
     def __len__(self) -> int:

@@ -33,16 +33,17 @@ CONTRASTIVE, ID = "contrastive", "id"
 
 
 class EmbeddingModule(L.LightningModule):
-    def __init__(self, embedder: MLLMEmbedder, params: dict, mode: str, total_steps: int,
-                 head: ShardedPrototypeHead | None = None, dataset: PairDataset | None = None,
+    def __init__(self, embedder: MLLMEmbedder, model: dict, train: dict, margin: dict, mode: str,
+                 total_steps: int, head: ShardedPrototypeHead | None = None, dataset: PairDataset | None = None,
                  lr: float | None = None):
+        """model, train, margin: params["model"], params["train"], params["margin"]."""
         super().__init__()
         if mode not in (CONTRASTIVE, ID):
             raise ValueError(f"unknown training mode {mode!r}: use {CONTRASTIVE!r} or {ID!r}")
         if mode == ID and head is None:
             raise ValueError("ID training needs a ShardedPrototypeHead")
         self.embedder, self.head, self.mode = embedder, head, mode
-        self.m, self.t, self.margin_cfg = params["model"], params["train"], params["margin"]
+        self.m, self.t, self.margin_cfg = model, train, margin
         self.total_steps, self.dataset = total_steps, dataset
         self.lr = float(lr if lr is not None else self.t["lr"])   # backbone base lr of this stage
         self.hard: np.ndarray | None = None   # [N, H] dataset indices of mined hard negatives
@@ -174,15 +175,15 @@ class HardNegativeMiner(L.Callback):
         log.info("mined %d hard negatives per item at step %d", self.k, trainer.global_step)
 
 
-def make_loader(dataset: PairDataset, params: dict, neighbours: np.ndarray | None = None):
-    t = params["train"]
-    if neighbours is not None and params["margin"]["similar_batch"]:
-        sampler = SimilarPrototypeBatchSampler(dataset.labels, t["batch_size"], neighbours, params["seed"],
-                                               views=params["margin"].get("views_per_prototype", 1))
+def make_loader(dataset: PairDataset, train: dict, margin: dict, seed: int, neighbours: np.ndarray | None = None):
+    """train, margin, seed: params["train"], params["margin"], params["seed"]."""
+    if neighbours is not None and margin["similar_batch"]:
+        sampler = SimilarPrototypeBatchSampler(dataset.labels, train["batch_size"], neighbours, seed,
+                                               views=margin.get("views_per_prototype", 1))
     else:
-        sampler = RandomBatchSampler(dataset.labels, t["batch_size"], params["seed"])
+        sampler = RandomBatchSampler(dataset.labels, train["batch_size"], seed)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                       num_workers=t["num_workers"])
+                                       num_workers=train["num_workers"])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -376,12 +377,13 @@ class StepBar(L.Callback):
             self.bar = None
 
 
-def fit(module: EmbeddingModule, loader, params: dict, work_dir: Path, max_steps: int,
+def fit(module: EmbeddingModule, loader, train: dict, work_dir: Path, max_steps: int,
         logger=None, callbacks: list | None = None) -> L.Trainer:
     """Train for max_steps; checkpoints in work_dir/ckpt, resumed from last.ckpt when present
     (a run killed midway continues when the asset is materialized again, on the same batches and
-    RNG stream as without the kill: ExactResume). A corrupt last.ckpt is refused (check_checkpoint)."""
-    t = params["train"]
+    RNG stream as without the kill: ExactResume). A corrupt last.ckpt is refused (check_checkpoint).
+    train: params["train"] (devices, strategy, precision, val_check_steps)."""
+    t = train
     ckpt_dir = Path(work_dir) / "ckpt"
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                                every_n_train_steps=max(1, t["val_check_steps"]))

@@ -19,13 +19,16 @@ from data.queries import noise_seed, render_queries
 from data.splits import unit_hash
 
 
-def train_queries(items: pd.DataFrame, params: dict, out_dir: Path, workers: int = 1) -> pd.DataFrame:
+def train_queries(items: pd.DataFrame, reranker: dict, queries: dict, noise: dict, seed: int, out_dir: Path,
+                  workers: int = 1) -> pd.DataFrame:
     """Noisy shopper-style queries of a deterministic sample of train items (`items`: item_id,
     group_id, title, image = absolute catalog file), written as JPEG under out_dir/images:
     `train_queries` in all, `queries_per_item` per item (each a different noise draw, the levels
     taken in turn, so every level is trained as every level is served).
+    reranker, queries, noise, seed: params["reranker"], params["queries"] (its image_quality),
+    params["noise"], params["seed"].
     Returns query_id, item_id, group_id, level, image (relative to out_dir), text."""
-    cfg, seed = params["reranker"], params["seed"]
+    cfg = reranker
     per_item = max(1, int(cfg.get("queries_per_item", 1)))
     order = sorted(items["item_id"], key=lambda i: unit_hash("rerank-q", seed, i))
     n_items = min(len(order), -(-int(cfg["train_queries"]) // per_item))
@@ -41,9 +44,9 @@ def train_queries(items: pd.DataFrame, params: dict, out_dir: Path, workers: int
         qid = f"train-{level}-{n:06d}"
         rel = f"images/{qid}.jpg"
         tasks.append({"src": r.image, "backgrounds": [pool[j] for j in rng.integers(len(pool), size=2)],
-                      "level": level, "cfg": params["noise"][level], "seed": s, "dst": rel,
-                      "format": "JPEG", "quality": params["queries"]["image_quality"]})
-        text = noise_text(r.title, level, params["noise"][level], s) if rng.random() < cfg["text_share"] else None
+                      "level": level, "cfg": noise[level], "seed": s, "dst": rel,
+                      "format": "JPEG", "quality": queries["image_quality"]})
+        text = noise_text(r.title, level, noise[level], s) if rng.random() < cfg["text_share"] else None
         rows.append({"query_id": qid, "item_id": r.item_id, "group_id": r.group_id, "level": level,
                      "image": rel, "text": text})
     render_queries(tasks, out_dir, workers)

@@ -15,6 +15,9 @@ The answer tokens are added as special tokens (one id each, whatever the tokeniz
 initialised to the embedding of their word ("yes", "no", "none", the index digits). A reranker starts from an embedder checkpoint (the lineage's
 stage-1 / ID model: the backbone already tells products apart); its LM head starts as a copy of the
 input embeddings because the embedder has none.
+
+One module though over 400 lines: the two modes share one model, one prompt builder and one
+forward pass, and splitting them would split the prompt layout the scores depend on.
 """
 from __future__ import annotations
 

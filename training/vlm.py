@@ -10,6 +10,9 @@ A frozen tower (`freeze_vision`, the CPU default) is never trained and stays in 
 batch-norm statistics are the pretrained ones); its pooled features are cached by pixel content,
 in memory and, when :func:`use_feature_cache` names a directory, on disk: catalog images and the
 seeded noisy training views are encoded by the tower once across all stages.
+
+One module though near 500 lines: config, image processor and model are one transformers model
+(registered together with AutoConfig) and change together.
 """
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
     """Load the configured source and write the normalized catalog (bad images quarantined)."""
     paths, t0 = Paths.from_params(params), time.perf_counter()
     src = load_source(params, paths)
-    catalog = build_catalog(src, paths.asset("raw_catalog"), params)
+    catalog = build_catalog(src, paths.asset("raw_catalog"), params["ingest"], params["validation"])
     m = catalog.meta
     res = StageResult("raw_catalog", catalog.root,
                       metrics={"items": m["items"], "images": m["images"], "instances": m["instances"],
@@ -93,7 +93,8 @@ def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
 
 def check_raw_catalog(params: dict) -> list[CheckOutcome]:
     """The Great Expectations rules over the raw catalog (Dagster runs them as asset checks)."""
-    return validate_catalog(Catalog.load(Paths.from_params(params).asset("raw_catalog")), params)
+    return validate_catalog(Catalog.load(Paths.from_params(params).asset("raw_catalog")), params["validation"],
+                            params["ingest"])
 
 
 def _link_tree(src: Path, dst: Path) -> None:
@@ -115,7 +116,7 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageR
     the rules run again here so no caller can skip them)."""
     paths = Paths.from_params(params)
     raw = Catalog.load(paths.asset("raw_catalog"))
-    outcomes = validate_catalog(raw, params)
+    outcomes = validate_catalog(raw, params["validation"], params["ingest"])
     failed = failed_errors(outcomes)
     if failed:
         raise ValidationFailed("catalog validation failed:\n" +
@@ -205,7 +206,8 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
     out = paths.asset("query_sets")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        queries, qrels = build_query_sets(catalog, table, params, tmp, params["ingest"]["workers"])
+        queries, qrels = build_query_sets(catalog, table, params["queries"], params["noise"], params["seed"], tmp,
+                                          params["ingest"]["workers"])
         write_parquet(queries, tmp / "queries.parquet")
         write_parquet(qrels, tmp / "qrels.parquet")
         write_json({"fingerprint": catalog.meta["fingerprint"], "queries": len(queries)}, tmp / "meta.json")

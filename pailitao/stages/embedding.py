@@ -113,15 +113,17 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
     L.seed_everything(params["seed"], workers=True)   # model init and sampling are reproducible
     embedder = MLLMEmbedder.from_pretrained(init)
     extra.update(prepare_for_training(embedder.model, finetune_config(params["model"])))
-    dataset = PairDataset(items, labels, params)
-    module = EmbeddingModule(embedder, params, mode, steps, head=head, dataset=dataset, lr=lr)
+    dataset = PairDataset(items, labels, params["train"], params["noise"], params["seed"])
+    module = EmbeddingModule(embedder, params["model"], params["train"], params["margin"], mode, steps, head=head,
+                             dataset=dataset, lr=lr)
     work = _work_dir(paths, stage, params, catalog)
     # a training resumed from the work dir's checkpoint continues the MLflow run the kill interrupted
     with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
         callbacks = [HardNegativeMiner(params["train"]["hard_refresh_steps"], params["train"]["hard_negatives"])] \
             if mode == CONTRASTIVE else []
-        trainer = fit(module, make_loader(dataset, params, neighbours), params, work, steps, logger, callbacks)
+        loader = make_loader(dataset, params["train"], params["margin"], params["seed"], neighbours)
+        trainer = fit(module, loader, params["train"], work, steps, logger, callbacks)
         train_s = time.perf_counter() - t0
         samples = steps * params["train"]["batch_size"]
         merge_adapters(embedder.model)   # a plain checkpoint: the next stage and the service need no peft

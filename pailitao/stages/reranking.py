@@ -69,7 +69,8 @@ def reranker_dataset(params: dict, dagster_run_id: str | None = None) -> StageRe
     qs_root = paths.asset("query_sets")
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        queries = rd.train_queries(train, params, tmp, params["ingest"]["workers"])
+        queries = rd.train_queries(train, params["reranker"], params["queries"], params["noise"], params["seed"], tmp,
+                                   params["ingest"]["workers"])
         in_train = gallery["item_id"].isin(set(train["item_id"])).to_numpy()
         # retrieved deeper than served: an instance just past the top-N is a near miss the chunks may
         # hold (it looks like what retrieval returns); a farther one never enters training
@@ -275,7 +276,7 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     work = paths.processed / ".work" / f"{stage}-{fingerprint([ds_meta, cfg, params['train'], params['seed'], str(out)])}"
     with start_run(stage, params, ds_meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
-        trainer = fit(module, loader, params, work, cfg["steps"], logger)
+        trainer = fit(module, loader, params["train"], work, cfg["steps"], logger)
         train_s = time.perf_counter() - t0
         model.eval()
         # validation: rerank the val candidates, fit the calibrator, choose P/R/F1 thresholds

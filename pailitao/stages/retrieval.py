@@ -18,7 +18,7 @@ from core.config import Paths, fingerprint
 from core.io import atomic_path, read_json, write_json
 from pailitao.stages import StageResult, finish
 from core.tracking import start_run
-from retrieval import index as ix
+from retrieval import index_store
 from retrieval.models import load_embedder, resolve_model, variant_dirs
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Pa
     src = read_json(embeddings / "meta.json")
     emb = np.load(embeddings / "embeddings.npy")
     ids = pd.read_parquet(embeddings / "items.parquet", columns=["image_id"])["image_id"].astype(str).to_numpy()
-    meta = ix.build_and_publish(out, emb, ids, params["ann_index"],
-                                model_version=src["model_version"])
+    meta = index_store.build_and_publish(out, emb, ids, params["ann_index"],
+                                         model_version=src["model_version"])
     meta = {**meta, "embeddings_fingerprint": src["fingerprint"], "model": src["model"]}
     write_json(meta, out / "meta.json")   # the last build, current or not: what the asset check reads
     res = StageResult("ann_index", out,

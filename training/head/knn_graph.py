@@ -24,25 +24,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from core.gpu import faiss_gpu_available, gpu_resources
 from training.head.collectives import comm_device, shard_rows
 
 # faiss GPU brute-force search supports k up to this many results (CPU beyond it).
 FAISS_GPU_MAX_K = 2048
-
-_gpu_res = None
-
-
-def faiss_gpu_available() -> bool:
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-
-
-def gpu_resources():
-    """The process's one faiss ``StandardGpuResources`` (streams, temporary memory), made on first use."""
-    global _gpu_res
-    if _gpu_res is None:
-        _gpu_res = faiss.StandardGpuResources()
-    return _gpu_res
-
 
 def knn_width(num_classes: int, fraction: float) -> int:
     """Negatives per target: ``ceil(fraction * U)``, at most U - 1 (U when fraction >= 1: all)."""
