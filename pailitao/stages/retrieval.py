@@ -1,5 +1,5 @@
 """Retrieval lineage nodes: item_embeddings -> ann_index, and the recall rule the blocking asset
-check runs. Like pailitao/stages.py: read params, call retrieval/ functions, write atomically, one
+check runs. Like every stage module: read params, call retrieval/ functions, write atomically, one
 MLflow run each."""
 from __future__ import annotations
 
