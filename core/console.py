@@ -19,8 +19,8 @@ OWN = ("core", "pailitao", "data", "training", "evaluation", "retrieval", "servi
        "__main__")
 # library INFO loggers that talk at every start, quiet at WARNING (their warnings still show)
 LEVELS = {"faiss.loader": logging.WARNING, "great_expectations": logging.WARNING, "alembic": logging.WARNING,
-          "urllib3": logging.WARNING, "PIL": logging.WARNING,
-          "mlflow.store.db.utils": logging.WARNING}   # "Creating initial MLflow database tables..."
+          "urllib3": logging.WARNING, "PIL": logging.WARNING, "milvus_lite": logging.WARNING,
+          "pymilvus": logging.WARNING, "mlflow.store.db.utils": logging.WARNING}   # "Creating initial MLflow database tables..."
 # (logger, message prefixes) dropped there: a library's notices at every fit, run or model save
 _LIGHTNING_INFO = ("💡 Tip:", "GPU available", "TPU available", "HPU available", "`Trainer.fit` stopped")
 DROP = {"lightning.pytorch.utilities.rank_zero": _LIGHTNING_INFO,

@@ -185,6 +185,7 @@ class Train(Section):
     text_only_share: Number
     strategy: Literal["auto", "ddp", "ddp_spawn"]
     devices: int | str | list[int]                  # as Lightning takes it: 1, "auto", [0, 1]
+    num_nodes: int
     precision: str | int                            # auto, or any Lightning precision ("bf16-mixed", 32)
     num_workers: int
     val_check_steps: int
@@ -223,6 +224,18 @@ class Mlflow(Section):
     experiment: str
 
 
+# ---------------------------------------------------------------------------------------- compute
+class Ray(Section):
+    address: str | None                             # null: RAY_ADDRESS, else a local Ray
+    actors: int
+    batch_size: int | None
+
+
+class Compute(Section):
+    engine: Literal["local", "ray"]                 # item_embeddings: this process | retrieval/ray_embed.py
+    ray: Ray
+
+
 # -------------------------------------------------------------------------------------- retrieval
 class Hnsw(Section):
     M: int
@@ -240,7 +253,18 @@ class Ivfpq(Section):
     k_factor: int
 
 
+class Milvus(Section):
+    uri: str                                        # a .db path (milvus-lite) or http(s)://host:19530
+    collection_prefix: str
+    index_type: str                                 # FLAT | HNSW | IVF_FLAT | IVF_SQ8 | AUTOINDEX | ...
+    index_params: dict[str, int | float | str]      # Milvus's own names (M, efConstruction, nlist)
+    search_params: dict[str, int | float | str]     # (ef, nprobe)
+    consistency_level: Literal["Strong", "Bounded", "Session", "Eventually"]
+    insert_batch: int
+
+
 class AnnIndex(Section):
+    backend: Literal["faiss", "milvus"]
     kind: Literal["auto", "flat", "hnsw", "ivfpq"]
     exact_below: int
     hnsw_below: int
@@ -252,6 +276,7 @@ class AnnIndex(Section):
     use_gpu: bool | Auto
     keep_versions: int
     seed: int
+    milvus: Milvus
 
 
 class Hybrid(Section):
@@ -405,6 +430,7 @@ class Params(Section):
     prototypes: Prototypes
     margin: Margin
     mlflow: Mlflow
+    compute: Compute
     ann_index: AnnIndex
     serving: Serving
     reranker: Reranker

@@ -25,12 +25,19 @@ def gallery(catalog: Catalog) -> pd.DataFrame:
         .sort_values("image_id").reset_index(drop=True)
 
 
-def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
+def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64,
+                   engine=None) -> tuple[pd.DataFrame, np.ndarray]:
     """The gallery and its [N, dim] (image, title) embeddings, streamed batch by batch with one
-    progress bar, so memory holds one batch of decoded images, not the catalog."""
+    progress bar, so memory holds one batch of decoded images, not the catalog. `engine` (optional,
+    e.g. retrieval.ray_embed.ray_engine) embeds elsewhere instead: engine(rows, dim, batch_size) ->
+    [N, dim], rows holding each gallery row's image file, title and position; embedder is unused."""
     from core.console import progress
 
     g = gallery(catalog)
+    if engine is not None:
+        rows = pd.DataFrame({"image": [str(catalog.image_file(p).absolute()) for p in g["path"]],
+                             "title": g["title"].tolist(), "position": np.arange(len(g), dtype=np.int64)})
+        return g, np.ascontiguousarray(engine(rows, dim, batch_size), dtype=np.float32)
     out = np.zeros((len(g), dim), dtype=np.float32)
     files, titles = g["path"].tolist(), g["title"].tolist()
     for s in progress(range(0, len(g), batch_size), "gallery", unit="batch"):
@@ -40,17 +47,18 @@ def encode_gallery(embedder, catalog: Catalog, dim: int, batch_size: int = 64) -
 
 
 def cached_gallery(cache_root: Path, model_fp: str, load_embedder, catalog: Catalog, dim: int,
-                   batch_size: int = 64) -> tuple[pd.DataFrame, np.ndarray]:
+                   batch_size: int = 64, engine=None) -> tuple[pd.DataFrame, np.ndarray]:
     """encode_gallery, cached under cache_root by (checkpoint fingerprint, dim, catalog fingerprint):
     the promotion gate, item_embeddings and reruns share one pass over the catalog; a retrained
-    model or a new catalog version misses. load_embedder() is called only on a miss. The gallery
+    model or a new catalog version misses. load_embedder() is called only on a miss without an
+    `engine` (encode_gallery's; it makes the same vectors, so the key is the same). The gallery
     gains `image`, the absolute image path."""
     from core.io import atomic_path
 
     cache = Path(cache_root) / f"gallery-{model_fp}-{dim}-{catalog.meta['fingerprint']}"
     if (cache / "emb.npy").is_file():
         return pd.read_parquet(cache / "gallery.parquet"), np.load(cache / "emb.npy")
-    g, emb = encode_gallery(load_embedder(), catalog, dim, batch_size)
+    g, emb = encode_gallery(None if engine else load_embedder(), catalog, dim, batch_size, engine)
     g = g.assign(image=[str(catalog.image_file(p)) for p in g["path"]])
     with atomic_path(cache) as tmp:
         tmp.mkdir(parents=True)

@@ -8,6 +8,13 @@ parallel array (ids.npy, int or str): faiss labels are row numbers 0..N-1, becau
 strings, which faiss cannot hold. `search` maps labels back to ids.
 
 Config (params ann_index): a plain dict; missing keys take DEFAULTS (nested dicts merge key by key).
+  backend        "faiss" | "milvus". milvus: the versions' vectors live in a Milvus collection
+                 (retrieval/milvus_index.py); kind / hnsw / ivfpq / use_gpu then do not apply, the
+                 recall check and versioning (index_store) work the same.
+  milvus         uri ("milvus.db": milvus-lite under the index directory; http://host:19530 a
+                 server; env PAILITAO_MILVUS_URI wins), collection_prefix, index_type (FLAT | HNSW |
+                 IVF_FLAT | ...), index_params / search_params (Milvus's own, e.g. {M, efConstruction}
+                 / {ef}), consistency_level, insert_batch.
   kind           "auto" | "flat" | "hnsw" | "ivfpq". auto: flat below `exact_below` vectors, hnsw
                  below `hnsw_below`, ivfpq from there on.
   exact_below    50_000   below this exact search costs < ~10 ms per query: no reason to approximate.
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 
 KINDS = ("flat", "hnsw", "ivfpq")
 DEFAULTS: dict = {
+    "backend": "faiss",
     "kind": "auto",
     "exact_below": 50_000,
     "hnsw_below": 250_000,
@@ -59,6 +67,8 @@ DEFAULTS: dict = {
     "use_gpu": "auto",
     "keep_versions": 3,
     "seed": 0,
+    "milvus": {"uri": "milvus.db", "collection_prefix": "pailitao_items", "index_type": "FLAT",
+               "index_params": {}, "search_params": {}, "consistency_level": "Bounded", "insert_batch": 5000},
 }
 
 
@@ -75,6 +85,8 @@ def resolve_cfg(cfg: dict | None = None) -> dict:
             out[key].update(val)
         else:
             out[key] = val
+    if out["backend"] not in ("faiss", "milvus"):
+        raise ValueError(f"ann_index backend must be faiss or milvus, not {out['backend']!r}")
     if out["kind"] not in ("auto", *KINDS):
         raise ValueError(f"ann_index kind must be auto, flat, hnsw or ivfpq, not {out['kind']!r}")
     return out
@@ -145,6 +157,8 @@ def to_gpu(index):
 
 
 def is_gpu_index(index) -> bool:
+    if not isinstance(index, faiss.Index):   # another backend's index (retrieval/milvus_index.py)
+        return False
     idx = faiss.downcast_index(index)
     if isinstance(idx, faiss.IndexRefine):
         return is_gpu_index(idx.base_index)
@@ -285,6 +299,8 @@ def index_kind(index) -> str:
 # ---------------------------------------------------------------- recall
 def recall_at_k(index, emb, k: int = 10, sample: int = 1000, seed: int = 0, use_gpu="auto") -> float:
     """Mean |ANN top-k ∩ exact top-k| / k over a seeded sample of the indexed items used as queries.
+    index: anything with ntotal and search(q, k) -> (scores, row positions): a faiss index or a
+    retrieval.milvus_index.MilvusIndex.
 
     Exact = brute-force inner product over all of emb. The query item itself is in both lists, so
     this slightly favours the index (1 of k is free); item queries are what a catalog has at build time.

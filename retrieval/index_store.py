@@ -15,6 +15,11 @@ On disk (root = the index directory):
                                   the old or the new name, never a partial one
   root/versions/<version>/        index.faiss, ids.npy, meta.json (written last; lists file sizes and
                                   sha256, checked at every load: a corrupt version is refused, never served)
+                                  backend milvus (retrieval/milvus_index.py): no index.faiss; the vectors
+                                  are the Milvus collection that milvus.json and meta.json name (uri,
+                                  collection), dropped when cleanup removes the version; the alias
+                                  <collection_prefix> is swapped to it right before CURRENT moves.
+                                  meta.json without "backend" is a faiss version.
   root/versions/.tmp-<version>-<pid>@<host>/   a version being written; renamed into place only when
                                   complete; removed by the next publish once its writer is gone
 Versions are named by UTC creation time (sortable) plus a random suffix.
@@ -38,13 +43,45 @@ import faiss
 import numpy as np
 
 from core.io import owner_tag, process_gone
-from retrieval.index import (build_index, check_ids, get_search_params, index_kind, ivfpq_params, is_gpu_index,
-                             recall_at_k, resolve_cfg, search, set_search_params, to_gpu, want_gpu)
+from retrieval.index import (build_index, check_ids, check_vectors, get_search_params, index_kind, ivfpq_params,
+                             is_gpu_index, recall_at_k, resolve_cfg, search, set_search_params, to_gpu, want_gpu)
 
 log = logging.getLogger(__name__)
 
 STALE_TMP_SECONDS = 3600  # a temp without its writer's pid@host, younger than this, may be in use
 FILES = ("index.faiss", "ids.npy")
+MILVUS_FILES = ("ids.npy", "milvus.json")   # milvus.json: {uri, collection, alias}, written before the collection
+
+
+def _milvus():
+    """retrieval.milvus_index, imported on first use: faiss-only runs never load pymilvus."""
+    from retrieval import milvus_index
+
+    return milvus_index
+
+
+def _is_milvus(index) -> bool:
+    return type(index).__name__ == "MilvusIndex" and type(index).__module__ == "retrieval.milvus_index"
+
+
+def _drop_milvus(root: Path, vdir: Path) -> bool:
+    """Drop the collection a (removed or abandoned) version directory names in milvus.json; True when
+    it is gone or there is none, False when Milvus refused or was unreachable (keep the directory:
+    a later publish retries)."""
+    try:
+        m = json.loads((vdir / "milvus.json").read_text())
+    except FileNotFoundError:
+        return True
+    except (json.JSONDecodeError, OSError) as e:
+        log.warning("%s unreadable (%s): its Milvus collection, if any, is left as it is", vdir / "milvus.json", e)
+        return True
+    mi = _milvus()
+    try:
+        uri = mi.resolve_uri(m["uri"], root)
+    except ValueError as e:
+        log.warning("%s: %s", vdir / "milvus.json", e)
+        return True
+    return mi.drop_collection(uri, m["collection"], m.get("alias"))
 
 
 class Loaded(NamedTuple):
@@ -92,6 +129,8 @@ def _remove_stale_temps(root: Path) -> None:
             continue
         if stale:
             if p.is_dir():
+                if not _drop_milvus(root, p):   # its collection stays: so does the directory naming it
+                    continue
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
@@ -121,44 +160,87 @@ def versions(root) -> list[str]:
         if vdir.is_dir() else []
 
 
-def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_current: bool = True) -> Path:
+def _reserve(root: Path, version: str, marker: dict | None = None) -> Path:
+    """Create versions/.tmp-<version>-<pid>@<host>/ (with milvus.json = marker, fsynced, when given)."""
+    vroot = root / "versions"
+    vroot.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(root)
+    tmp = vroot / f".tmp-{version}-{owner_tag()}"
+    if not tmp.is_dir():
+        tmp.mkdir()
+    if marker is not None and not (tmp / "milvus.json").exists():
+        try:
+            (tmp / "milvus.json").write_text(json.dumps(marker))
+            _fsync(tmp / "milvus.json")
+            _fsync(tmp)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_failed(e, f"index version {version} not published under {root}, CURRENT unchanged") from e
+    return tmp
+
+
+def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_current: bool = True,
+            version: str | None = None) -> Path:
     """Write a new version of (index, ids, meta) and, if make_current, point CURRENT at it.
 
     Files go to versions/.tmp-<v>-<pid>@<host>/ and are fsynced; the directory is renamed to
     versions/<v>/ only when complete, and CURRENT is swapped only after that, so no reader can see a
     partial version. meta gets kind, n, dim, version, created, faiss version, search_params (read
     from the index), per-file sizes and sha256, and bytes (on disk, index + ids).
+    index: a faiss index (written as index.faiss) or a retrieval.milvus_index.MilvusIndex, whose
+    collection stays in Milvus: the version records it (milvus.json, meta backend / uri / collection
+    / alias), publish owns it from here (dropped if the publish fails, or when cleanup removes the
+    version), and the alias <collection_prefix> (meta["alias"]) is swapped to it before CURRENT.
+    version: the name to publish under (build_and_publish names the collection after it first).
     A failed write (a full disk) raises OSError; CURRENT and what it serves stay as they were.
     Returns the version directory.
     """
     root = Path(root)
-    if is_gpu_index(index):
+    milvus = _is_milvus(index)
+    if not milvus and is_gpu_index(index):
         raise ValueError("publish a CPU index (faiss.index_gpu_to_cpu): GPU indexes cannot be written")
     ids = check_ids(ids, index.ntotal)
-    version = _new_version()
+    version = version or _new_version()
     vroot = root / "versions"
-    vroot.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(root)
-    tmp, final = vroot / f".tmp-{version}-{owner_tag()}", vroot / version
-    tmp.mkdir()
+    marker = None
+    if milvus:
+        meta = dict(meta or {})
+        marker = {"uri": meta.get("uri") or index.uri, "collection": index.collection, "alias": meta.get("alias")}
     try:
-        faiss.write_index(index, str(tmp / "index.faiss"))
+        tmp = _reserve(root, version, marker)
+    except OSError:
+        if milvus:
+            _milvus().drop_collection(_milvus().resolve_uri(marker["uri"], root), index.collection)
+        raise
+    final = vroot / version
+    names = MILVUS_FILES if milvus else FILES
+    try:
+        if milvus:
+            extra = {"backend": "milvus", **marker, "kind": meta.get("kind", "milvus"),
+                     "search_params": index.search_params,
+                     "consistency_level": index.consistency_level, "pymilvus_version": _pymilvus_version()}
+        else:
+            faiss.write_index(index, str(tmp / "index.faiss"))
+            extra = {"kind": index_kind(index), "faiss_version": faiss.__version__}
         np.save(tmp / "ids.npy", ids, allow_pickle=False)
-        files = {name: (tmp / name).stat().st_size for name in FILES}
+        files = {name: (tmp / name).stat().st_size for name in names}
         # hashed as read back, after the write: what load_version will find, if nothing changes it
-        meta = {"search_params": get_search_params(index), **(meta or {}), "version": version,
-                "kind": index_kind(index), "n": int(index.ntotal), "dim": int(index.d),
+        meta = {"search_params": get_search_params(index) if not milvus else {}, **(meta or {}), **extra,
+                "version": version, "n": int(index.ntotal), "dim": int(index.d),
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "faiss_version": faiss.__version__, "files": files, "bytes": sum(files.values()),
-                "sha256": {name: sha256_file(tmp / name) for name in FILES}}
+                "files": files, "bytes": sum(files.values()),
+                "sha256": {name: sha256_file(tmp / name) for name in names}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=float))
-        for name in (*FILES, "meta.json"):
+        for name in (*names, "meta.json"):
             _fsync(tmp / name)
         _fsync(tmp)
         os.rename(tmp, final)
         _fsync(vroot)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if milvus and _drop_milvus(root, tmp) is False:
+            log.warning("%s kept: it names the Milvus collection %s, not dropped yet", tmp, index.collection)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, (OSError, RuntimeError)):
             raise _write_failed(e, f"index version {version} not published under {root}, CURRENT unchanged") from e
         raise
@@ -167,9 +249,45 @@ def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_c
             previous = current_version(root)
         except (FileNotFoundError, ValueError):
             previous = None
-        _swap_pointer(root, version)
+        _make_current(root, version, meta)
         cleanup(root, keep, protect={version, previous})
     return final
+
+
+def _pymilvus_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pymilvus")
+    except PackageNotFoundError:
+        return ""
+
+
+def _make_current(root: Path, version: str, meta: dict) -> None:
+    """Point CURRENT at version; for a Milvus version swap its alias first (back again if CURRENT
+    cannot be switched), so the alias and CURRENT name the same version but for that instant."""
+    if meta.get("backend", "faiss") != "milvus" or not meta.get("alias"):
+        _swap_pointer(root, version)
+        return
+    mi = _milvus()
+    uri = mi.resolve_uri(meta["uri"], root)
+    try:
+        c = mi.client(uri)
+        before = mi.alias_target(c, meta["alias"])
+        mi.swap_alias(c, meta["alias"], meta["collection"])
+    except Exception as e:  # noqa: BLE001 - pymilvus raises its own types
+        raise OSError(f"Milvus alias {meta['alias']} at {mi.redact(uri)} not switched to {meta['collection']}: "
+                      f"{e}; CURRENT names the version it did") from e
+    try:
+        _swap_pointer(root, version)
+    except OSError:
+        if before and before != meta["collection"]:
+            try:
+                mi.swap_alias(c, meta["alias"], before)
+            except Exception as e:  # noqa: BLE001
+                log.warning("Milvus alias %s left on %s (CURRENT not switched): %s", meta["alias"],
+                            meta["collection"], e)
+        raise
 
 
 def _swap_pointer(root: Path, version: str) -> None:
@@ -189,8 +307,8 @@ def _swap_pointer(root: Path, version: str) -> None:
 def set_current(root, version: str) -> None:
     """Point CURRENT at an existing version (a rollback), after loading it fully as a check."""
     root = Path(root)
-    load_version(root, version)  # raises on a missing, partial or corrupt version
-    _swap_pointer(root, version)
+    loaded = load_version(root, version)  # raises on a missing, partial or corrupt version
+    _make_current(root, version, loaded.meta)
 
 
 def cleanup(root, keep: int = 3, protect=()) -> list[str]:
@@ -213,7 +331,8 @@ def cleanup(root, keep: int = 3, protect=()) -> list[str]:
             os.rename(root / "versions" / v, gone)
         except FileNotFoundError:  # another cleanup got it
             continue
-        shutil.rmtree(gone, ignore_errors=True)
+        if _drop_milvus(root, gone):   # a Milvus version: its collection first; if refused, the temp names it
+            shutil.rmtree(gone, ignore_errors=True)
     _remove_stale_temps(root)
     return doomed
 
@@ -221,7 +340,9 @@ def cleanup(root, keep: int = 3, protect=()) -> list[str]:
 def load_version(root, version: str) -> Loaded:
     """Load and cross-check one version; FileNotFoundError if absent, ValueError if partial / corrupt
     (a size or sha256 other than meta.json's: a bit flipped on disk loads fine in faiss and would
-    be served). Versions published before sha256 was recorded are checked by size only."""
+    be served). Versions published before sha256 was recorded are checked by size only.
+    A milvus version (meta backend) loads as a MilvusIndex on its collection, loaded in Milvus and
+    checked to hold n rows; FileNotFoundError if the collection is gone, OSError if Milvus is unreachable."""
     vdir = Path(root) / "versions" / version
     if not vdir.is_dir():
         raise FileNotFoundError(f"index version {vdir} does not exist")
@@ -240,13 +361,25 @@ def load_version(root, version: str) -> Loaded:
         got = sha256_file(vdir / name)
         if got != want:
             raise ValueError(f"{vdir / name} is corrupt: sha256 {got[:16]}..., meta.json says {want[:16]}...")
-    ipath = vdir / "index.faiss"
-    try:
-        index = faiss.read_index(str(ipath))
-    except RuntimeError as e:
-        if not ipath.exists():
-            raise FileNotFoundError(f"{ipath} is missing") from None
-        raise ValueError(f"corrupt faiss index {ipath}: {e}") from None
+    backend = meta.get("backend", "faiss")
+    if backend == "milvus":   # FileNotFoundError if its collection was dropped, OSError if Milvus is unreachable
+        mi = _milvus()
+        try:
+            uri = mi.resolve_uri(meta["uri"], root)
+            index = mi.open_collection(uri, meta["collection"], meta["n"], meta["dim"], meta.get("search_params"),
+                                       meta.get("consistency_level", "Bounded"))
+        except KeyError as e:
+            raise ValueError(f"{mpath}: a milvus version without {e}") from None
+    elif backend == "faiss":
+        ipath = vdir / "index.faiss"
+        try:
+            index = faiss.read_index(str(ipath))
+        except RuntimeError as e:
+            if not ipath.exists():
+                raise FileNotFoundError(f"{ipath} is missing") from None
+            raise ValueError(f"corrupt faiss index {ipath}: {e}") from None
+    else:
+        raise ValueError(f"{mpath}: unknown backend {backend!r} (faiss or milvus)")
     try:
         ids = np.load(vdir / "ids.npy", allow_pickle=False)
     except FileNotFoundError:
@@ -256,7 +389,8 @@ def load_version(root, version: str) -> Loaded:
     if not (index.ntotal == len(ids) == meta.get("n")) or index.d != meta.get("dim"):
         raise ValueError(f"{vdir}: index has {index.ntotal} x {index.d}, ids {len(ids)}, "
                          f"meta.json n={meta.get('n')} dim={meta.get('dim')}")
-    set_search_params(index, **meta.get("search_params", {}))
+    if backend == "faiss":
+        set_search_params(index, **meta.get("search_params", {}))
     return Loaded(index, ids, meta)
 
 
@@ -281,6 +415,8 @@ def build_and_publish(root, emb, ids, cfg: dict | None = None, model_version: st
     """
     cfg = resolve_cfg(cfg)
     ids = check_ids(ids, len(emb))
+    if cfg["backend"] == "milvus":
+        return _build_and_publish_milvus(Path(root), emb, ids, cfg, model_version)
     t0 = time.perf_counter()
     index = build_index(emb, None, cfg)
     build_s = time.perf_counter() - t0
@@ -295,6 +431,47 @@ def build_and_publish(root, emb, ids, cfg: dict | None = None, model_version: st
     if not meta["recall_ok"]:
         log.warning("ann_index %s: recall@%d %.3f < %.2f, not made current", vdir.name, cfg["recall_k"], rec,
                     cfg["min_recall"])
+    return json.loads((vdir / "meta.json").read_text())
+
+
+def _build_and_publish_milvus(root: Path, emb, ids: np.ndarray, cfg: dict, model_version: str) -> dict:
+    """build_and_publish for backend milvus: the collection <prefix>_<version> is created (after
+    milvus.json names it in the version's temp directory), filled, indexed, loaded and recall-checked
+    against exact search over emb, then published like a faiss index."""
+    mi = _milvus()
+    mcfg = mi.check_cfg(cfg["milvus"])
+    emb = check_vectors(emb)
+    version = _new_version()
+    stored_uri = mi.redact(mi.configured_uri(mcfg["uri"]))   # as configured (relative to root): meta.json
+    uri = mi.resolve_uri(mcfg["uri"], root)
+    name, alias = mi.collection_name(mcfg["collection_prefix"], version), mcfg["collection_prefix"]
+    tmp = _reserve(root, version, {"uri": stored_uri, "collection": name, "alias": alias})
+    try:
+        t0 = time.perf_counter()
+        index = mi.build_collection(mi.client(uri), name, emb, mcfg, uri)
+        build_s = time.perf_counter() - t0
+        rec = recall_at_k(index, emb, cfg["recall_k"], cfg["recall_sample"], cfg["seed"], cfg["use_gpu"])
+    except BaseException as e:
+        if _drop_milvus(root, tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError, mi._milvus_error())):
+            raise OSError(f"Milvus collection {name} at {mi.redact(uri)} not built: {e}; index version {version} "
+                          f"not published under {root}, CURRENT unchanged") from e
+        raise
+    meta = {"model_version": model_version, "build_seconds": round(build_s, 3), "recall": rec,
+            "recall_k": cfg["recall_k"], "recall_sample": min(cfg["recall_sample"], len(emb)),
+            "min_recall": cfg["min_recall"], "recall_ok": rec >= cfg["min_recall"],
+            "kind": f"milvus-{mcfg['index_type'].lower()}", "uri": stored_uri, "alias": alias,
+            "index_type": mcfg["index_type"], "params": dict(mcfg["index_params"])}
+    vdir = publish(root, index, ids, meta, keep=cfg["keep_versions"], make_current=meta["recall_ok"],
+                   version=version)
+    if not meta["recall_ok"]:
+        log.warning("ann_index %s: recall@%d %.3f < %.2f, not made current", vdir.name, cfg["recall_k"], rec,
+                    cfg["min_recall"])
+        try:   # kept for inspection, not served: free its memory in Milvus (load_version loads it again)
+            index.client.release_collection(name)
+        except Exception as e:  # noqa: BLE001
+            log.warning("Milvus collection %s not released: %s", name, e)
     return json.loads((vdir / "meta.json").read_text())
 
 
@@ -338,7 +515,7 @@ class IndexReader:
                 except ValueError as e:
                     self._failed = (stamp, str(e))
                     raise
-                if want_gpu(self.use_gpu):
+                if loaded.meta.get("backend", "faiss") == "faiss" and want_gpu(self.use_gpu):
                     loaded = loaded._replace(index=to_gpu(loaded.index))
                     set_search_params(loaded.index, **loaded.meta.get("search_params", {}))
                 state = self._state = (stamp, loaded)  # stamp was taken first: a later swap reloads again

@@ -377,12 +377,24 @@ class StepBar(L.Callback):
             self.bar = None
 
 
+def launch_rank(train: dict) -> int:
+    """This process's global rank as its launcher set it, known before a Trainer exists (a stage
+    decides from it whether it records and writes): torchrun's RANK, SLURM's SLURM_PROCID, else
+    Lightning's own launcher (NODE_RANK x devices per node + LOCAL_RANK); 0 in a single process."""
+    env = os.environ
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env:
+            return int(env[key])
+    per_node = train["devices"] if isinstance(train["devices"], int) else 1
+    return int(env.get("NODE_RANK", 0)) * per_node + int(env.get("LOCAL_RANK", 0))
+
+
 def fit(module: EmbeddingModule, loader, train: dict, work_dir: Path, max_steps: int,
         logger=None, callbacks: list | None = None) -> L.Trainer:
     """Train for max_steps; checkpoints in work_dir/ckpt, resumed from last.ckpt when present
     (a run killed midway continues when the asset is materialized again, on the same batches and
     RNG stream as without the kill: ExactResume). A corrupt last.ckpt is refused (check_checkpoint).
-    train: params["train"] (devices, strategy, precision, val_check_steps)."""
+    train: params["train"] (devices, num_nodes, strategy, precision, val_check_steps)."""
     t = train
     ckpt_dir = Path(work_dir) / "ckpt"
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
@@ -399,7 +411,7 @@ def fit(module: EmbeddingModule, loader, train: dict, work_dir: Path, max_steps:
     console.quiet_libraries()   # Lightning is imported by now: its tips and warnings, its own handler
     if replay is not None:   # "... your dataloader is not resumable": ExactResume makes it so, unseen by Lightning
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
-    trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"],
+    trainer = L.Trainer(max_steps=max_steps, accelerator="auto", devices=t["devices"], num_nodes=t["num_nodes"],
                         strategy=t["strategy"], precision=precision, logger=logger or False,
                         callbacks=[ckpt, ExactResume(replay), StepBar("train"), *(callbacks or [])],
                         plugins=[AtomicCheckpointIO()],

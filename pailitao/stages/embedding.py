@@ -26,7 +26,7 @@ from retrieval.models import model_fingerprint
 from training.backbone import MLLMEmbedder
 from training.finetune import merge_adapters, prepare_for_training
 from training.data import PairDataset, TrainItems
-from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, make_loader, run_id_file
+from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, launch_rank, make_loader, run_id_file
 from training.prototypes import curate, prototype_labels
 from training.head import ShardedPrototypeHead
 from training.vlm import use_feature_cache
@@ -117,12 +117,16 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
     module = EmbeddingModule(embedder, params["model"], params["train"], params["margin"], mode, steps, head=head,
                              dataset=dataset, lr=lr)
     work = _work_dir(paths, stage, params, catalog)
+    callbacks = [HardNegativeMiner(params["train"]["hard_refresh_steps"], params["train"]["hard_negatives"])] \
+        if mode == CONTRASTIVE else []
+    loader = make_loader(dataset, params["train"], params["margin"], params["seed"], neighbours)
+    rank = launch_rank(params["train"])
+    if rank != 0:   # a DDP worker (torchrun, SLURM, another node): trains its share; rank 0 records and writes
+        fit(module, loader, params["train"], work, steps, None, callbacks)
+        return StageResult(stage, out, info={"rank": rank, "role": "ddp worker: rank 0 wrote the outputs"})
     # a training resumed from the work dir's checkpoint continues the MLflow run the kill interrupted
     with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
-        callbacks = [HardNegativeMiner(params["train"]["hard_refresh_steps"], params["train"]["hard_negatives"])] \
-            if mode == CONTRASTIVE else []
-        loader = make_loader(dataset, params["train"], params["margin"], params["seed"], neighbours)
         trainer = fit(module, loader, params["train"], work, steps, logger, callbacks)
         train_s = time.perf_counter() - t0
         samples = steps * params["train"]["batch_size"]

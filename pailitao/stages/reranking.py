@@ -30,7 +30,7 @@ from retrieval.fusion import FUSION_FILE, Fusion, features, fused_order
 from retrieval.rerank import INFERENCE_FILE, INFERENCE_KEYS, RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked
 from training import rerank_data as rd
 from training.data import TrainItems
-from training.modules import fit, run_id_file
+from training.modules import fit, launch_rank, run_id_file
 from training.rerank_module import RerankerModule
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
 from training.vlm import use_feature_cache
@@ -274,6 +274,10 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
                                          sampler=rd.train_sampler(data, cfg.get("point_positive_share"), params["seed"]))
     module = RerankerModule(model, cfg, cfg["steps"])
     work = paths.processed / ".work" / f"{stage}-{fingerprint([ds_meta, cfg, params['train'], params['seed'], str(out)])}"
+    rank = launch_rank(params["train"])
+    if rank != 0:   # a DDP worker: trains; rank 0 validates, records and writes
+        fit(module, loader, params["train"], work, cfg["steps"], None)
+        return StageResult(stage, out, info={"rank": rank, "role": "ddp worker: rank 0 wrote the outputs"})
     with start_run(stage, params, ds_meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
         trainer = fit(module, loader, params["train"], work, cfg["steps"], logger)

@@ -32,8 +32,12 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
     info = resolve_model(params, model)
     out = Path(out or variant_dirs(params, info.name)[0])
     dim = params["model"]["served_dim"]
+    engine = None
+    if params["compute"]["engine"] == "ray":   # a Ray Data actor pool (retrieval/ray_embed.py): same vectors
+        from retrieval.ray_embed import ray_engine
+        engine = ray_engine(info.path, params["compute"]["ray"])
     g, emb = cached_gallery(paths.gallery_cache, info.fingerprint, lambda: load_embedder(info), catalog, dim,
-                            params["serving"]["embed_batch_size"])
+                            params["serving"]["embed_batch_size"], engine=engine)
     seconds = time.perf_counter() - t0
     # image paths relative to the parent of `out` (ItemTable resolves them from there), so the
     # directory survives a moved workdir
@@ -56,7 +60,8 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
                                "seconds": round(seconds, 1),
                                "images_per_second": round(len(g) / max(seconds, 1e-9), 1)},
                       info={"model": info.name, "model_source": info.source,
-                            "model_version": info.fingerprint, "fingerprint": meta["fingerprint"]},
+                            "model_version": info.fingerprint, "fingerprint": meta["fingerprint"],
+                            "engine": params["compute"]["engine"]},
                       markdown={"preview": items.head(10).to_markdown(index=False)})
     with start_run("item_embeddings", params, fp, dagster_run_id) as run:
         return finish(res, run)
@@ -64,7 +69,8 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
 
 def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Path | None = None,
               out: Path | None = None) -> StageResult:
-    """A faiss index over item_embeddings, recall-checked, published as a new version (made
+    """An ANN index over item_embeddings (faiss, or a Milvus collection with ann_index.backend: milvus),
+    recall-checked, published as a new version (made
     current only when recall@k reaches ann_index.min_recall)."""
     paths = Paths.from_params(params)
     embeddings = Path(embeddings or paths.asset("item_embeddings"))
