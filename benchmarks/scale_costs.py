@@ -5,7 +5,7 @@ and train on, from measured figures and stated assumptions (each printed beside 
 
 - Embedding: GPU-hours = items / (images per second per GPU) / 3600. The per-GPU rate is a FLOP
   estimate (2 x parameters x tokens per item at a stated utilisation of a stated peak), since no
-  GPU was measured here; the CPU row uses --embed-ips, measured on this machine.
+  GPU was measured here; the CPU column uses --embed-ips, measured on this machine.
 - Index: IVF-PQ bytes per vector = m (PQ code) + 8 (the id faiss keeps in the inverted list)
   + dim (the SQ8 re-rank codes, when on); checked against the measured 1M x 512 index
   (IVF4096,PQ64 + SQ8: 565 MiB, BENCHMARKS.md). Nodes = memory / usable RAM per node.
@@ -39,8 +39,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--items", default="1e7,1e8,1e9")
     ap.add_argument("--dim", type=int, default=512, help="served dim (the paper's 512)")
-    ap.add_argument("--embed-ips", type=float, default=12.1,
-                    help="images/s measured on this CPU (the demo model, 2 threads)")
+    ap.add_argument("--embed-ips", type=float, default=30.0,
+                    help="images/s measured on this CPU: the packaged base model, 2,250 images "
+                         "(BENCHMARKS.md, batch embedding in-process vs Ray)")
     ap.add_argument("--params", type=float, default=2.2e9, help="embedder parameters (Qwen2-VL-2B)")
     ap.add_argument("--tokens", type=int, default=300, help="tokens per item: ~256 image + title")
     ap.add_argument("--peak", type=float, default=989e12, help="GPU dense bf16 peak FLOP/s (H100 SXM)")

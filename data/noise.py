@@ -23,7 +23,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from data.noise_image_ops import albu, clutter, defocus, occlusion, overlay, to_rgb
+from data.images import to_rgb_on_white
+from data.noise_image_ops import albu, clutter, defocus, occlusion, overlay
 
 # inflect (~2 s) is imported on first use (albumentations too, in data/noise_image_ops.py), so importing
 # this module is cheap
@@ -65,7 +66,7 @@ def noise_image(img: Image.Image, level: str, cfg: dict, seed: int,
     Not thread-safe (the cached albumentations pipelines are reseeded per call); use processes.
     """
     cfg, s = _check(level, cfg)
-    out = np.asarray(to_rgb(img)).copy()
+    out = np.asarray(to_rgb_on_white(img)).copy()
     cluttered = False
     for op, sub in _decide(_rng(seed), cfg, IMAGE_OPS):
         r = np.random.default_rng(sub)

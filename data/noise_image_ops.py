@@ -17,20 +17,14 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data.images import to_rgb_on_white
+
 # albumentations (~2.5 s) is imported on first use, so importing this module is cheap
 
 WHITE = (255, 255, 255)
 
 
 # --------------------------------------------------------------------------------------------- pixels
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB copy; transparency is flattened onto white, the catalog convention."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, WHITE + (255,)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def _blend(base: np.ndarray, top: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """Per-pixel alpha blend of uint8 images (cv2: several times faster than float numpy)."""
     a = np.ascontiguousarray(alpha, dtype=np.float32)
@@ -117,7 +111,7 @@ def _scene(w: int, h: int, rng: np.random.Generator, backgrounds: Sequence[Image
              [(0, 0, sx, sy), (sx, 0, w, sy), (0, sy, sx, h), (sx, sy, w, h)]][rng.integers(4)]
     scene = np.empty((h, w, 3), np.uint8)
     for x0, y0, x1, y1 in cells:
-        src = np.asarray(to_rgb(backgrounds[int(rng.integers(len(backgrounds)))]))
+        src = np.asarray(to_rgb_on_white(backgrounds[int(rng.integers(len(backgrounds)))]))
         scene[y0:y1, x0:x1] = _crop_to(src, max(1, x1 - x0), max(1, y1 - y0), rng)[: y1 - y0, : x1 - x0]
     if rng.random() < 0.5:  # the distractors' white paper becomes a table surface
         white = cv2.GaussianBlur((_min_channel(scene) >= 235).astype(np.float32), (0, 0), 1.0)

@@ -5,7 +5,7 @@ a significant win on the gate metric (paired bootstrap CI above 0) and its query
 regress beyond the budget; otherwise it gets `challenger`. Exactly one registered embedder holds
 `champion`: promoting the treatment removes the alias from the control; when nothing holds it
 yet, the control (the incumbent) becomes champion. The service resolves `serving.model: champion`
-through the same aliases (retrieval/pipeline.resolve_model)."""
+through the same aliases (retrieval/models.resolve_model)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

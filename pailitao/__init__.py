@@ -1,1 +1,1 @@
-"""Pailitao-VL: shared configuration, I/O helpers, MLflow tracking and the CLI."""
+"""Pailitao-VL: the roof and the stage layer: the CLI (cli.py), the lineage declared once (lineage.py) and the stage functions (stages/)."""

@@ -38,23 +38,26 @@ class Stage:
 # run order: embedding_promotion decides the champion before the served index is built from it
 LINEAGE: tuple[Stage, ...] = (
     Stage("raw_catalog", "data", (), ("seed", "dataset", "ingest", "validation")),
-    Stage("validated_catalog", "data", ("raw_catalog",), ("validation",)),
-    Stage("splits", "data", ("validated_catalog",), ("splits",)),
-    Stage("query_sets", "data", ("validated_catalog", "splits"), ("queries", "noise")),
-    Stage("base_model", "embedding", ("validated_catalog", "splits", "query_sets"), ("model",), TRAINING),
-    Stage("stage1_embedder", "embedding", ("base_model",), ("model", "train"), TRAINING),
-    Stage("semantic_prototypes", "embedding", ("stage1_embedder",), ("prototypes",), frozenset({"python", "mlflow"})),
-    Stage("embedding_model", "embedding", ("semantic_prototypes",), ("model", "train", "margin"), TRAINING),
-    Stage("baseline_embedder", "embedding", ("stage1_embedder",), ("model", "train"), TRAINING),
+    Stage("validated_catalog", "data", ("raw_catalog",), ("ingest", "validation")),
+    Stage("splits", "data", ("validated_catalog",), ("seed", "splits")),
+    Stage("query_sets", "data", ("validated_catalog", "splits"), ("seed", "queries", "noise")),
+    Stage("base_model", "embedding", ("validated_catalog", "splits", "query_sets"), ("seed", "model"), TRAINING),
+    Stage("stage1_embedder", "embedding", ("base_model",), ("seed", "model", "train", "noise"), TRAINING),
+    Stage("semantic_prototypes", "embedding", ("stage1_embedder",), ("seed", "prototypes"),
+          frozenset({"python", "mlflow"})),
+    Stage("embedding_model", "embedding", ("semantic_prototypes",), ("seed", "model", "train", "margin", "noise"),
+          TRAINING),
+    Stage("baseline_embedder", "embedding", ("stage1_embedder",), ("seed", "model", "train", "noise"), TRAINING),
     Stage("embedding_promotion", "evaluation", ("embedding_model", "baseline_embedder", "query_sets"),
           ("report", "promotion"), TRAINING),
     Stage("item_embeddings", "retrieval", ("validated_catalog", "embedding_promotion"), ("model", "serving"),
           frozenset({"pytorch", "numpy"})),
     Stage("ann_index", "retrieval", ("item_embeddings",), ("ann_index",), frozenset({"faiss"}), persist=True),
-    Stage("reranker_dataset", "reranking", ("item_embeddings", "query_sets"), ("reranker", "serving", "noise"),
+    Stage("reranker_dataset", "reranking", ("item_embeddings", "query_sets"),
+          ("seed", "model", "reranker", "serving", "queries", "noise"),
           frozenset({"pytorch", "parquet"})),
-    Stage("reranker_model", "reranking", ("reranker_dataset",), ("reranker",), TRAINING),
-    Stage("reranker_pointwise", "reranking", ("reranker_dataset",), ("reranker",), TRAINING),
+    Stage("reranker_model", "reranking", ("reranker_dataset",), ("seed", "reranker", "train"), TRAINING),
+    Stage("reranker_pointwise", "reranking", ("reranker_dataset",), ("seed", "reranker", "train"), TRAINING),
     Stage("ab_report", "evaluation", ("embedding_promotion", "ann_index", "reranker_model", "reranker_pointwise"),
           ("report", "promotion", "serving"), frozenset({"html", "mlflow"})),
 )
@@ -102,8 +105,8 @@ def _source(module: str) -> Path | None:
 @cache
 def code_files(module: str) -> tuple[str, ...]:
     """The project source files `module` runs: itself and everything it imports, transitively
-    (package __init__ files and other stage modules left out). DVC hashes these, so an edit to
-    any of them re-runs the stage, and the list cannot go stale."""
+    (package __init__ files left out). DVC hashes these, so an edit to any of them re-runs the
+    stage, and the list cannot go stale."""
     seen, todo = set(), [module]
     while todo:
         mod = todo.pop()
@@ -115,8 +118,7 @@ def code_files(module: str) -> tuple[str, ...]:
             names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                      [node.module] + [f"{node.module}.{a.name}" for a in node.names]
                      if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
-            todo += [n for n in names if n.split(".")[0] in OWN_PACKAGES and _source(n) is not None
-                     and not (n.startswith("pailitao.stages.") and n != module)]
+            todo += [n for n in names if n.split(".")[0] in OWN_PACKAGES and _source(n) is not None]
     files = {_source(m).relative_to(REPO_ROOT).as_posix() for m in seen}
     return tuple(sorted(f for f in files if not f.endswith("__init__.py")))
 

@@ -1,1 +1,1 @@
-"""Retrieval: faiss ANN index (choose, build, recall check, versioned atomic publish, reader)."""
+"""Retrieval: ANN indexes (faiss, or Milvus) and their versioned publishing, query decoding, model resolution and the registry, batch embedding on Ray, the search pipeline and the rerankers."""

@@ -423,15 +423,23 @@ def build_and_publish(root, emb, ids, cfg: dict | None = None, model_version: st
     kind = index_kind(index)
     rec = recall_at_k(index, emb, cfg["recall_k"], cfg["recall_sample"], cfg["seed"], cfg["use_gpu"])
     params = {"flat": {}, "hnsw": cfg["hnsw"]}[kind] if kind != "ivfpq" else ivfpq_params(len(emb), index.d, cfg)
-    meta = {"model_version": model_version, "build_seconds": round(build_s, 3), "recall": rec,
-            "recall_k": cfg["recall_k"], "recall_sample": min(cfg["recall_sample"], len(emb)),
-            "min_recall": cfg["min_recall"], "recall_ok": rec >= cfg["min_recall"],
-            "params": params}
+    meta = {**_recall_meta(cfg, model_version, build_s, rec, len(emb)), "params": params}
     vdir = publish(root, index, ids, meta, keep=cfg["keep_versions"], make_current=meta["recall_ok"])
-    if not meta["recall_ok"]:
-        log.warning("ann_index %s: recall@%d %.3f < %.2f, not made current", vdir.name, cfg["recall_k"], rec,
-                    cfg["min_recall"])
+    _warn_unless_current(vdir, meta)
     return json.loads((vdir / "meta.json").read_text())
+
+
+def _recall_meta(cfg: dict, model_version: str, build_s: float, rec: float, n: int) -> dict:
+    """The part of a version's meta.json every backend writes: its model, build time and recall."""
+    return {"model_version": model_version, "build_seconds": round(build_s, 3), "recall": rec,
+            "recall_k": cfg["recall_k"], "recall_sample": min(cfg["recall_sample"], n),
+            "min_recall": cfg["min_recall"], "recall_ok": rec >= cfg["min_recall"]}
+
+
+def _warn_unless_current(vdir: Path, meta: dict) -> None:
+    if not meta["recall_ok"]:
+        log.warning("ann_index %s: recall@%d %.3f < %.2f, not made current", vdir.name, meta["recall_k"],
+                    meta["recall"], meta["min_recall"])
 
 
 def _build_and_publish_milvus(root: Path, emb, ids: np.ndarray, cfg: dict, model_version: str) -> dict:
@@ -458,16 +466,13 @@ def _build_and_publish_milvus(root: Path, emb, ids: np.ndarray, cfg: dict, model
             raise OSError(f"Milvus collection {name} at {mi.redact(uri)} not built: {e}; index version {version} "
                           f"not published under {root}, CURRENT unchanged") from e
         raise
-    meta = {"model_version": model_version, "build_seconds": round(build_s, 3), "recall": rec,
-            "recall_k": cfg["recall_k"], "recall_sample": min(cfg["recall_sample"], len(emb)),
-            "min_recall": cfg["min_recall"], "recall_ok": rec >= cfg["min_recall"],
+    meta = {**_recall_meta(cfg, model_version, build_s, rec, len(emb)),
             "kind": f"milvus-{mcfg['index_type'].lower()}", "uri": stored_uri, "alias": alias,
             "index_type": mcfg["index_type"], "params": dict(mcfg["index_params"])}
     vdir = publish(root, index, ids, meta, keep=cfg["keep_versions"], make_current=meta["recall_ok"],
                    version=version)
+    _warn_unless_current(vdir, meta)
     if not meta["recall_ok"]:
-        log.warning("ann_index %s: recall@%d %.3f < %.2f, not made current", vdir.name, cfg["recall_k"], rec,
-                    cfg["min_recall"])
         try:   # kept for inspection, not served: free its memory in Milvus (load_version loads it again)
             index.client.release_collection(name)
         except Exception as e:  # noqa: BLE001

@@ -116,9 +116,9 @@ def ray_session(ray_cfg: dict):
     except (ConnectionError, RuntimeError, TimeoutError) as e:
         raise RayUnavailable(f"compute.engine is ray but the Ray cluster at {address or 'local'!r} cannot be "
                              f"reached: {e}") from e
-    res = ray.cluster_resources()
-    log.info("ray: %s, %d CPUs, %d GPUs", address or "a local instance", res.get("CPU", 0), res.get("GPU", 0))
-    try:
+    try:   # from here on, whatever fails shuts down what was started
+        res = ray.cluster_resources()
+        log.info("ray: %s, %d CPUs, %d GPUs", address or "a local instance", res.get("CPU", 0), res.get("GPU", 0))
         yield ray
     finally:
         ray.shutdown()

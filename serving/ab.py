@@ -25,7 +25,7 @@ from data.judgments import relevance
 @dataclass(frozen=True)
 class Variant:
     name: str
-    model: str          # what retrieval.pipeline.resolve_model takes
+    model: str          # what retrieval.models.resolve_model takes
     weight: float
 
 

@@ -185,7 +185,7 @@ class M(L.LightningModule):
 
 L.seed_everything(0)
 logging.getLogger("lightning.pytorch.probe").info("PROBE before fit")
-train = {"val_check_steps": 2, "precision": "32-true", "devices": 1, "strategy": "auto"}
+train = {"val_check_steps": 2, "precision": "32-true", "devices": 1, "num_nodes": 1, "strategy": "auto"}
 fit(M(), torch.utils.data.DataLoader(torch.randn(16, 4), batch_size=4), train, tempfile.mkdtemp(), 3)
 logging.getLogger("lightning.pytorch.probe").info("PROBE after fit")
 """

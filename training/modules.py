@@ -379,14 +379,26 @@ class StepBar(L.Callback):
 
 def launch_rank(train: dict) -> int:
     """This process's global rank as its launcher set it, known before a Trainer exists (a stage
-    decides from it whether it records and writes): torchrun's RANK, SLURM's SLURM_PROCID, else
-    Lightning's own launcher (NODE_RANK x devices per node + LOCAL_RANK); 0 in a single process."""
+    decides from it whether it records and writes): torchrun's RANK; Lightning's own launcher
+    (NODE_RANK x devices per node + LOCAL_RANK); SLURM's SLURM_PROCID for an `srun` batch job
+    (not an interactive allocation, where Lightning spawns its own workers); else 0."""
     env = os.environ
-    for key in ("RANK", "SLURM_PROCID"):
-        if key in env:
-            return int(env[key])
-    per_node = train["devices"] if isinstance(train["devices"], int) else 1
-    return int(env.get("NODE_RANK", 0)) * per_node + int(env.get("LOCAL_RANK", 0))
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "LOCAL_RANK" in env or "NODE_RANK" in env:
+        per_node = max(train["devices"], 1) if isinstance(train["devices"], int) else 1
+        return int(env.get("NODE_RANK", 0)) * per_node + int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive"):
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
+TOPOLOGY = ("devices", "num_nodes", "strategy", "num_workers")   # how a run is spread, not what it learns
+
+
+def resumable_key(train: dict) -> dict:
+    """The train section without its topology: a killed run resumes on another world size."""
+    return {k: v for k, v in train.items() if k not in TOPOLOGY}
 
 
 def fit(module: EmbeddingModule, loader, train: dict, work_dir: Path, max_steps: int,

@@ -143,18 +143,38 @@ class RerankSet(torch.utils.data.Dataset):
         return {"query": query, "docs": docs, "levels": torch.tensor(g["level"].astype(int).to_numpy())}
 
 
+class RankShare(torch.utils.data.Sampler):
+    """Every world-th index of `sampler`'s order under DDP (read at iteration time, when the
+    process group exists), so each rank trains on its own share: fit() turns Lightning's own
+    distributed sampler off. One process: the order unchanged."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        order = list(self.sampler)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+            order = order[rank::world][: len(order) // world] or order[:1]   # the same length on every rank
+        yield from order
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 def train_sampler(data: RerankSet, positive_share: float | None, seed: int) -> torch.utils.data.Sampler:
-    """Shuffled samples; in point mode with positive_share, drawn with replacement so that share of
-    pairs are instance matches (about 5% are: a plain shuffle let the model learn to say "no")."""
+    """Shuffled samples (each DDP rank its share); in point mode with positive_share, drawn with
+    replacement so that share of pairs are instance matches (about 5% are: a plain shuffle let the
+    model learn to say "no")."""
     gen = torch.Generator().manual_seed(seed)
     if data.mode == "list" or not positive_share:
-        return torch.utils.data.RandomSampler(data, generator=gen)
+        return RankShare(torch.utils.data.RandomSampler(data, generator=gen))
     pos = np.array([int(g["level"].iloc[0]) == 0 for g in data.samples])
     if not pos.any() or pos.all():
-        return torch.utils.data.RandomSampler(data, generator=gen)
+        return RankShare(torch.utils.data.RandomSampler(data, generator=gen))
     w = np.where(pos, positive_share / pos.sum(), (1 - positive_share) / (~pos).sum())
-    return torch.utils.data.WeightedRandomSampler(torch.as_tensor(w), num_samples=len(data), replacement=True,
-                                                  generator=gen)
+    return RankShare(torch.utils.data.WeightedRandomSampler(torch.as_tensor(w), num_samples=len(data),
+                                                            replacement=True, generator=gen))
 
 
 def collate(samples: list[dict]) -> dict:

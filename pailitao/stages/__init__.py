@@ -1,5 +1,7 @@
 """The stage layer: one function per lineage node, grouped by domain (data, embedding, retrieval,
-reranking, evaluation). Only this package reads params as a whole and writes asset directories;
+reranking, evaluation). Only this package writes asset directories, and it hands the libraries
+the params sections they read (model resolution, the registry and the catalog source take the
+whole params: they need paths, MLflow and serving together);
 Dagster assets, DVC stages (`pailitao <stage>`) and `pailitao run` are thin callers of it, in the
 order pailitao/lineage.py declares. Each stage writes its directory atomically, records one MLflow
 run and returns a StageResult."""
@@ -38,3 +40,8 @@ def finish(res: StageResult, run) -> StageResult:
         mlflow.log_text(text, f"{name}.md")
     res.run_id = run.info.run_id
     return res
+
+
+def ddp_worker(name: str, path: Path, rank: int) -> StageResult:
+    """What a DDP worker (global rank > 0) returns: it trained its share; rank 0 recorded and wrote."""
+    return StageResult(name, path, info={"rank": rank, "role": "ddp worker: rank 0 wrote the outputs"})

@@ -20,13 +20,13 @@ from evaluation.retrieval import cached_gallery, evaluate
 from core.config import Paths, fingerprint
 from core.io import atomic_path, write_json, write_parquet
 from retrieval.registry import log_embedder
-from pailitao.stages import StageResult, finish
+from pailitao.stages import StageResult, ddp_worker, finish
 from core.tracking import start_run, tracking_uri
 from retrieval.models import model_fingerprint
 from training.backbone import MLLMEmbedder
 from training.finetune import merge_adapters, prepare_for_training
 from training.data import PairDataset, TrainItems
-from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, launch_rank, make_loader, run_id_file
+from training.modules import CONTRASTIVE, ID, EmbeddingModule, HardNegativeMiner, fit, launch_rank, make_loader, resumable_key, run_id_file
 from training.prototypes import curate, prototype_labels
 from training.head import ShardedPrototypeHead
 from training.vlm import use_feature_cache
@@ -45,8 +45,8 @@ def _inputs(params: dict) -> tuple[Paths, Catalog, pd.DataFrame]:
 
 def _work_dir(paths: Paths, stage: str, params: dict, catalog: Catalog) -> Path:
     """Checkpoints of an unfinished run live here, keyed by what decides the result, so a killed
-    run resumes only into an identical configuration."""
-    key = fingerprint([catalog.meta["fingerprint"], params["model"], params["train"],
+    run resumes only into an identical configuration (on any world size: the head re-shards)."""
+    key = fingerprint([catalog.meta["fingerprint"], params["model"], resumable_key(params["train"]),
                        params["margin"], params["prototypes"], params["seed"], stage])
     return paths.processed / ".work" / f"{stage}-{key}"
 
@@ -123,7 +123,7 @@ def _train(stage: str, params: dict, mode: str, steps: int, dagster_run_id: str 
     rank = launch_rank(params["train"])
     if rank != 0:   # a DDP worker (torchrun, SLURM, another node): trains its share; rank 0 records and writes
         fit(module, loader, params["train"], work, steps, None, callbacks)
-        return StageResult(stage, out, info={"rank": rank, "role": "ddp worker: rank 0 wrote the outputs"})
+        return ddp_worker(stage, out, rank)
     # a training resumed from the work dir's checkpoint continues the MLflow run the kill interrupted
     with start_run(stage, params, catalog.meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)

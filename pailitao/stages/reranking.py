@@ -23,14 +23,14 @@ from evaluation.metrics import best_f1_threshold, precision_recall_f1, retrieval
 from evaluation.retrieval import encode_queries
 from core.config import Paths, fingerprint
 from core.io import atomic_path, read_json, write_json
-from pailitao.stages import StageResult, finish
+from pailitao.stages import StageResult, ddp_worker, finish
 from core.tracking import start_run, tracking_uri
 from retrieval.models import load_embedder, resolve_model
 from retrieval.fusion import FUSION_FILE, Fusion, features, fused_order
 from retrieval.rerank import INFERENCE_FILE, INFERENCE_KEYS, RERANK_ASSETS, ChunkwiseReranker, PointwiseReranker, Ranked
 from training import rerank_data as rd
 from training.data import TrainItems
-from training.modules import fit, launch_rank, run_id_file
+from training.modules import fit, launch_rank, resumable_key, run_id_file
 from training.rerank_module import RerankerModule
 from training.reranker import CALIBRATION_FILE, LIST, POINT, MLLMReranker
 from training.vlm import use_feature_cache
@@ -273,11 +273,11 @@ def train_reranker(params: dict, mode: str, out: Path, dagster_run_id: str | Non
     loader = torch.utils.data.DataLoader(data, batch_size=bs, collate_fn=rd.collate,
                                          sampler=rd.train_sampler(data, cfg.get("point_positive_share"), params["seed"]))
     module = RerankerModule(model, cfg, cfg["steps"])
-    work = paths.processed / ".work" / f"{stage}-{fingerprint([ds_meta, cfg, params['train'], params['seed'], str(out)])}"
+    work = paths.processed / ".work" / f"{stage}-{fingerprint([ds_meta, cfg, resumable_key(params['train']), params['seed'], str(out)])}"
     rank = launch_rank(params["train"])
     if rank != 0:   # a DDP worker: trains; rank 0 validates, records and writes
         fit(module, loader, params["train"], work, cfg["steps"], None)
-        return StageResult(stage, out, info={"rank": rank, "role": "ddp worker: rank 0 wrote the outputs"})
+        return ddp_worker(stage, out, rank)
     with start_run(stage, params, ds_meta["fingerprint"], dagster_run_id, run_id_file=run_id_file(work)) as run:
         logger = MLFlowLogger(tracking_uri=tracking_uri(params), run_id=run.info.run_id)
         trainer = fit(module, loader, params["train"], work, cfg["steps"], logger)
