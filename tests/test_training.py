@@ -257,35 +257,17 @@ def test_two_nodes_launched_by_torchrun_train_one_sharded_head(tiny, tmp_path):
     """Multi-node DDP as a cluster launches it: two torchrun "nodes" (one process each, on this
     host, rendezvous on 127.0.0.1) with train.num_nodes 2; the head's rows shard across both."""
     import json
-    import socket
 
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torchrun = Path(sys.executable).parent / "torchrun"
     world = json.dumps({"devices": 1, "num_nodes": 2})
-    procs = [subprocess.Popen([str(torchrun), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={r}",
-                               "--master-addr=127.0.0.1", f"--master-port={port}", str(script),
-                               tiny["workdir"], str(tmp_path / "ddp"), world],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-                              start_new_session=True) for r in (0, 1)]
-    outs = []
-    try:
-        for proc in procs:
-            outs.append(proc.communicate(timeout=300))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-4000:]
+    (rc0, out0, err0), (rc1, out1, err1) = _two_torchrun_nodes(
+        [str(script), tiny["workdir"], str(tmp_path / "ddp"), world], tmp_path)
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
     u = len(np.load(Path(tiny["workdir"]) / "data/processed/semantic_prototypes/centroids.npy"))
-    assert f"RANK 0 WORLD 2 STEPS 3 ROWS {(u + 1) // 2} OF {u}" in outs[0][0], outs[0][0][-2000:] + outs[0][1][-2000:]
-    assert f"RANK 1 WORLD 2 STEPS 3 ROWS {u // 2} OF {u}" in outs[1][0], outs[1][0][-2000:] + outs[1][1][-2000:]
+    assert f"RANK 0 WORLD 2 STEPS 3 ROWS {(u + 1) // 2} OF {u}" in out0, out0[-2000:] + err0[-2000:]
+    assert f"RANK 1 WORLD 2 STEPS 3 ROWS {u // 2} OF {u}" in out1, out1[-2000:] + err1[-2000:]
     assert sorted(p.name for p in (tmp_path / "ddp/ckpt").glob("head-step*/rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
-
 
 
 def test_a_training_stage_under_two_torchrun_nodes_writes_and_records_once(tiny, tmp_path):
@@ -293,39 +275,46 @@ def test_a_training_stage_under_two_torchrun_nodes_writes_and_records_once(tiny,
     trains its share of the DDP world; only rank 0 opens the MLflow run, writes the checkpoint and
     registers it."""
     import shutil
-    import socket
 
     import mlflow
 
     work = tmp_path / "work"
     shutil.copytree(Path(tiny["workdir"]) / "data/processed", work / "data/processed",
                     ignore=shutil.ignore_patterns("stage1_embedder", "embedding_model", "baseline_embedder", ".work"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
-    torchrun = Path(sys.executable).parent / "torchrun"
-    procs = [subprocess.Popen([str(torchrun), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={r}",
-                               "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "pailitao.cli",
-                               "stage1_embedder", "--profile", "tiny", "--workdir", str(work),
-                               "--set", "train.strategy=ddp", "--set", "train.num_nodes=2",
-                               "--set", "train.stage1_steps=4"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path),
-                              env=env, start_new_session=True) for r in (0, 1)]
-    outs = []
-    try:
-        for proc in procs:
-            outs.append(proc.communicate(timeout=300))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    for proc, (out, err) in zip(procs, outs):
-        assert proc.returncode == 0, err[-4000:]
-    assert '"steps": 4' in outs[0][0] and "ddp worker" in outs[1][0], outs[0][0][-1500:] + outs[1][0][-1500:]
+    (rc0, out0, err0), (rc1, out1, err1) = _two_torchrun_nodes(
+        ["-m", "pailitao.cli", "stage1_embedder", "--profile", "tiny", "--workdir", str(work),
+         "--set", "train.strategy=ddp", "--set", "train.num_nodes=2", "--set", "train.stage1_steps=4"],
+        tmp_path, {**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert rc0 == rc1 == 0, err0[-3000:] + err1[-3000:]
+    assert '"steps": 4' in out0 and "ddp worker" in out1, out0[-1500:] + out1[-1500:]
     assert (work / "data/processed/stage1_embedder/model").is_dir()
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               "tags.`pailitao.stage` = 'stage1_embedder'")
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+def _two_torchrun_nodes(args: list[str], cwd: Path, env: dict | None = None) -> list[tuple[int, str, str]]:
+    """(returncode, stdout, stderr) of `torchrun --nnodes=2 --nproc-per-node=1 ... ARGS` launched
+    twice, node ranks 0 and 1, rendezvous on 127.0.0.1: two "nodes" of one DDP world on this host."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    procs = [subprocess.Popen([str(torchrun), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={r}",
+                               "--master-addr=127.0.0.1", f"--master-port={port}", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(cwd),
+                              env=env, start_new_session=True) for r in (0, 1)]
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            results.append((proc.returncode, out, err))
+        return results
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
