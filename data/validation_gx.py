@@ -316,3 +316,24 @@ def failed(desc: str, results: dict[str, Result], meta: dict) -> Verdict:
     """A failed rule's verdict: its description plus any GX exception notes."""
     notes = exception_notes(results)
     return False, desc + ("; " + "; ".join(notes) if notes else ""), meta
+
+
+def shape_problems(res: dict[str, Result], missing: list, type_problems: list[str], dupe_cols: list) -> list[str]:
+    """A table's shape problems in the order a schema rule reports them: empty, missing columns,
+    columns of the wrong type (worded by the rule), duplicated column names."""
+    problems = ["table is empty (0 rows)"] if not res["rows"].success else []
+    if missing:
+        problems.append("missing column(s) " + ", ".join(repr(c) for c in missing))
+    problems += type_problems
+    if dupe_cols:
+        problems.append("duplicated column name(s) " + ", ".join(repr(c) for c in dupe_cols))
+    return problems
+
+
+def schema_verdict(table: str, problems: list[str], res: dict[str, Result], meta: dict, ok: str) -> Verdict:
+    """A schema rule's verdict: its problems plus GX exception notes (the dtype checks' own
+    exceptions are already worded as problems), else `ok`."""
+    problems = problems + exception_notes({k: v for k, v in res.items() if not k.startswith("type:")})
+    if problems:
+        return False, f"{table} schema: " + "; ".join(problems), meta
+    return True, ok, meta

@@ -12,8 +12,8 @@ import pandas as pd
 
 from data.schema import CATALOG_VIEW, IMAGE_COLUMNS, STATUS_OK, STATUS_QUARANTINED
 from data.validation_gx import INT_TYPES, MAX_EXAMPLES, STRING_TYPES, Config, Result, Rule, \
-    RulePlan, Tables, Verdict, as_float, as_str, empty, equals, exception_notes, gx_meta, jsonable, \
-    not_checked, pct, quote_list, tidy_number
+    RulePlan, Tables, Verdict, as_float, as_str, empty, equals, gx_meta, jsonable, not_checked, pct, \
+    quote_list, schema_verdict, shape_problems, tidy_number
 
 DIMENSION_COLUMNS = ["status", "width", "height", "orig_width", "orig_height"]
 
@@ -62,15 +62,8 @@ class ImagesSchema(Rule):
                      for c in IMAGE_COLUMNS if f"type:{c}" in res and not res[f"type:{c}"].success}
         meta = {"rows": len(images), "missing_columns": missing, "bad_dtypes": bad_types,
                 "duplicate_columns": dupe_cols, "not_checked": facts["not_checked"], **gx_meta(res)}
-        problems = []
-        if not res["rows"].success:
-            problems.append("table is empty (0 rows)")
-        if missing:
-            problems.append("missing column(s) " + ", ".join(repr(c) for c in missing))
-        for col, observed in bad_types.items():
-            problems.append(f"column {col!r} is not {IMAGE_COLUMNS[col]}-typed (observed {observed})")
-        if dupe_cols:
-            problems.append("duplicated column name(s) " + ", ".join(repr(c) for c in dupe_cols))
+        problems = shape_problems(res, missing, [f"column {col!r} is not {IMAGE_COLUMNS[col]}-typed (observed {observed})"
+                                                 for col, observed in bad_types.items()], dupe_cols)
         r = res.get("image_id_not_null")
         if r is not None and not r.success:
             problems.append(f"{r.unexpected_count} null image_id(s)")
@@ -99,11 +92,9 @@ class ImagesSchema(Rule):
                             f"(e.g. {quote_list(unknown)})")
         if facts["not_checked"]:
             problems.append("not checked: " + "; ".join(facts["not_checked"]))
-        problems += exception_notes({k: v for k, v in res.items() if not k.startswith("type:")})
-        if problems:
-            return False, "images schema: " + "; ".join(problems), meta
-        return (True, f"images: {len(images)} rows, all {len(IMAGE_COLUMNS)} columns present with "
-                      f"expected dtypes, image_ids unique, every item_id is a known item", meta)
+        return schema_verdict("images", problems, res, meta,
+                              f"images: {len(images)} rows, all {len(IMAGE_COLUMNS)} columns present with "
+                              f"expected dtypes, image_ids unique, every item_id is a known item")
 
 
 class ImagesDecode(Rule):

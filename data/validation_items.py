@@ -13,7 +13,8 @@ import pandas as pd
 from data.schema import ITEM_COLUMNS, SPLITS, reason_class
 from data.taxonomy import KEY_SEPARATOR
 from data.validation_gx import MAX_EXAMPLES, STRING_TYPES, Config, Result, Rule, RulePlan, \
-    Tables, Verdict, as_str, empty, exception_notes, failed, gx_meta, jsonable, not_checked, pct, quote_list
+    Tables, Verdict, as_str, empty, exception_notes, failed, gx_meta, jsonable, not_checked, pct, quote_list, \
+    schema_verdict, shape_problems
 
 
 class ItemsSchema(Rule):
@@ -41,28 +42,19 @@ class ItemsSchema(Rule):
                      for c in ITEM_COLUMNS if f"type:{c}" in res and not res[f"type:{c}"].success}
         meta = {"rows": len(items), "columns": list(items.columns), "missing_columns": missing,
                 "bad_dtypes": bad_types, "duplicate_columns": dupe_cols, **gx_meta(res)}
-        problems = []
-        if not res["rows"].success:
-            problems.append("table is empty (0 rows)")
-        if missing:
-            problems.append("missing column(s) " + ", ".join(repr(c) for c in missing))
-        for col, observed in bad_types.items():
-            examples = res[f"type:{col}"].examples
-            problems.append(f"column {col!r} is not string-typed (observed {observed}"
-                            + (f", e.g. {quote_list(examples)})" if examples else ")"))
-        if dupe_cols:
-            problems.append("duplicated column name(s) " + ", ".join(repr(c) for c in dupe_cols))
+        problems = shape_problems(res, missing, [
+            f"column {col!r} is not string-typed (observed {observed}"
+            + (f", e.g. {quote_list(res[f'type:{col}'].examples)})" if res[f"type:{col}"].examples else ")")
+            for col, observed in bad_types.items()], dupe_cols)
         split = res.get("split_values")
         if split is not None and not split.success:
             meta["bad_split_count"] = split.unexpected_count
             meta["bad_split_examples"] = sorted(set(map(str, split.examples)))
             problems.append(f"{split.unexpected_count} split value(s) not in {list(SPLITS)} "
                             f"(e.g. {quote_list(meta['bad_split_examples'])})")
-        problems += exception_notes({k: v for k, v in res.items() if not k.startswith("type:")})
-        if problems:
-            return False, "items schema: " + "; ".join(problems), meta
-        return (True, f"items: {len(items)} rows, columns {', '.join(ITEM_COLUMNS)} present and "
-                      f"string-typed, split values in {{{', '.join(SPLITS)}}}", meta)
+        return schema_verdict("items", problems, res, meta,
+                              f"items: {len(items)} rows, columns {', '.join(ITEM_COLUMNS)} present and "
+                              f"string-typed, split values in {{{', '.join(SPLITS)}}}")
 
 
 class UniqueItemId(Rule):
