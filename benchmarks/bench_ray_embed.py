@@ -28,21 +28,10 @@ from core.config import Paths, load_params
 from evaluation.retrieval import encode_gallery, gallery
 
 
-def build(workdir: Path, instances: int, model: str):
-    """(params, catalog, checkpoint dir): the synthetic catalog and the model, written once under workdir."""
-    from data.ingest import build_catalog
-    from data.schema import Catalog
-    from data.sources import load_source
+def checkpoint(params: dict, catalog, model: str, model_dir: Path) -> Path:
+    """A random-init tiny embedder or the packaged base model (no training) for `catalog`, saved once."""
     from training.backbone import MLLMEmbedder
 
-    profile = "tiny" if model == "tiny" else "demo"
-    params = load_params(profile, {"workdir": str(workdir), "dataset": {
-        "source": "synthetic", "synthetic": {"instances": instances, "views_per_instance": 2, "image_size": 160}}})
-    paths = Paths.from_params(params)
-    cat_dir = paths.asset("validated_catalog")
-    catalog = Catalog.load(cat_dir) if (cat_dir / "meta.json").is_file() else \
-        build_catalog(load_source(params, paths), cat_dir, params["ingest"], params["validation"])
-    model_dir = workdir / f"model-{model}"
     if not model_dir.is_dir():
         torch.manual_seed(0)
         if model == "tiny":
@@ -58,6 +47,23 @@ def build(workdir: Path, instances: int, model: str):
                                    ([Image.open(catalog.image_file(p)).convert("RGB") for p in g["path"]],
                                     g["title"].tolist()), documents=catalog.items["title"].tolist())
         emb.save_pretrained(model_dir)
+    return model_dir
+
+
+def build(workdir: Path, instances: int, model: str):
+    """(params, catalog, checkpoint dir): the synthetic catalog and the model, written once under workdir."""
+    from data.ingest import build_catalog
+    from data.schema import Catalog
+    from data.sources import load_source
+
+    profile = "tiny" if model == "tiny" else "demo"
+    params = load_params(profile, {"workdir": str(workdir), "dataset": {
+        "source": "synthetic", "synthetic": {"instances": instances, "views_per_instance": 2, "image_size": 160}}})
+    paths = Paths.from_params(params)
+    cat_dir = paths.asset("validated_catalog")
+    catalog = Catalog.load(cat_dir) if (cat_dir / "meta.json").is_file() else \
+        build_catalog(load_source(params, paths), cat_dir, params["ingest"], params["validation"])
+    model_dir = checkpoint(params, catalog, model, workdir / f"model-{model}")
     return params, catalog, model_dir
 
 

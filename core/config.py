@@ -123,7 +123,8 @@ def load_params(profile: str | None = None, overrides: dict | None = None,
 
 
 def dataset_override(dataset: str | None) -> dict:
-    """`--dataset DIR` (a manifest directory), `synthetic` or `openclipart[:ROOT]` as a params override."""
+    """`--dataset DIR` (a manifest directory, or a directory of them: a sharded catalog), `synthetic`
+    or `openclipart[:ROOT]` as a params override."""
     if not dataset:
         return {}
     if dataset == "synthetic":
@@ -131,7 +132,12 @@ def dataset_override(dataset: str | None) -> dict:
     if dataset.startswith("openclipart"):
         root = dataset.partition(":")[2]
         return {"dataset": {"source": "openclipart", **({"root": root} if root else {})}}
-    return {"dataset": {"source": "manifest", "root": str(Path(dataset).resolve())}}
+    root = Path(dataset).resolve()
+    # a directory of manifest directories (and no items table of its own) is a sharded catalog
+    sharded = root.is_dir() and not any((root / f"items.{e}").is_file() for e in ("csv", "parquet")) and any(
+        (d / f"items.{e}").is_file() for d in root.iterdir() if d.is_dir() and not d.is_symlink()
+        for e in ("csv", "parquet"))
+    return {"dataset": {"source": "manifest", "root": str(root), "sharded": sharded}}
 
 
 def fingerprint(obj: Any) -> str:

@@ -95,3 +95,27 @@ def write_json(obj, path: str | Path) -> Path:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file below src into dst (copy across file systems)."""
+    for dirpath, _, files in os.walk(src):
+        target = Path(dst) / Path(dirpath).relative_to(src)
+        target.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            try:
+                os.link(Path(dirpath) / f, target / f)
+            except OSError:
+                shutil.copy2(Path(dirpath) / f, target / f)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path) -> Iterator[None]:
+    """Hold the lock file beside `path` (.<name>.lock): one writer at a time across processes (two
+    Dagster partition runs rewriting one sharded asset)."""
+    from filelock import FileLock
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock")):
+        yield

@@ -43,6 +43,7 @@ class Synthetic(Section):
 class Dataset(Section):
     source: Literal["openclipart", "manifest", "synthetic"]
     root: str
+    sharded: bool
     limit: int | None
     category_separator: str
     synthetic: Synthetic

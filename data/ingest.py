@@ -177,9 +177,11 @@ def catalog_fingerprint(items: pd.DataFrame, images: pd.DataFrame) -> str:
     return fingerprint([it, im])
 
 
-def build_catalog(src: Source, out_dir: str | Path, ingest: dict, validation: dict) -> Catalog:
+def build_catalog(src: Source, out_dir: str | Path, ingest: dict, validation: dict,
+                  reuse_dir: Path | None = None, meta_extra: dict | None = None) -> Catalog:
     """Write the normalized catalog of `src` to out_dir (atomically) and return it.
-    `ingest`, `validation`: params["ingest"], params["validation"]."""
+    `ingest`, `validation`: params["ingest"], params["validation"]. Normalized images are reused
+    from reuse_dir (default: out_dir's current version); meta_extra joins meta.json."""
     out_dir = Path(out_dir)
     cfg = ingest
     if src.items.empty:
@@ -192,7 +194,7 @@ def build_catalog(src: Source, out_dir: str | Path, ingest: dict, validation: di
         images = images[~images["item_id"].isin(set(item_q["item_id"].dropna()))].reset_index(drop=True)
     item_q = coerce(item_q, ITEM_QUARANTINE_COLUMNS)
     images["image_id"] = images["item_id"] + "-" + images.groupby("item_id").cumcount().astype(str)
-    reuse = out_dir if out_dir.is_dir() else None
+    reuse = reuse_dir or (out_dir if out_dir.is_dir() else None)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         recs = pd.DataFrame(normalize_checked(images["source_path"].tolist(), _refused(images), tmp, cfg,
@@ -214,7 +216,7 @@ def build_catalog(src: Source, out_dir: str | Path, ingest: dict, validation: di
                 "fingerprint": catalog_fingerprint(items, images), "items": len(items),
                 "images": len(images), "instances": int(items["group_id"].nunique()),
                 "quarantined": len(quarantine), **item_stats,
-                **{f"source_{k}": v for k, v in src.meta.items()}}
+                **{f"source_{k}": v for k, v in src.meta.items()}, **(meta_extra or {})}
         write_json(meta, tmp / "meta.json")
     log.info("catalog %s: %d items (%d rows quarantined), %d images, %d quarantined", out_dir, len(items),
              len(item_q), len(images), len(quarantine))

@@ -9,6 +9,10 @@ A catalog directory holds:
                       the reason; its images are left out of images.parquet
   queries.parquet     optional, a manifest's own queries (QUERY_COLUMNS)
   meta.json           source name, synthetic flag, fingerprint, counts
+
+A sharded catalog (data/shards.py) holds one such directory per shard under shards/<name>/ and a
+meta.json whose `shards` maps each shard in the catalog to its fingerprint; Catalog.load reads the
+union (image paths gain the shards/<name>/ prefix, so they stay relative to the root).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.config import fingerprint
 from core.io import read_json
 
 ITEM_COLUMNS = {"item_id": "string", "title": "string", "category": "string",
@@ -34,6 +39,7 @@ QUERY_COLUMNS = ["query_id", "image", "text", "item_id"]
 CATALOG_VIEW = "catalog"   # images with this view are what the index serves
 SPLITS = ("train", "val", "test")
 STATUS_OK, STATUS_QUARANTINED = "ok", "quarantined"
+SHARDS_DIR = "shards"
 
 
 class CatalogError(ValueError):
@@ -54,6 +60,8 @@ class Catalog:
     def load(cls, root: str | Path) -> "Catalog":
         root = Path(root)
         if not (root / "items.parquet").is_file():
+            if (root / SHARDS_DIR).is_dir() and (root / "meta.json").is_file():
+                return _load_union(root)
             raise CatalogError(f"{root}: not a catalog directory (items.parquet missing)")
         queries = root / "queries.parquet"
         item_q = root / "item_quarantine.parquet"
@@ -65,12 +73,83 @@ class Catalog:
                    meta=read_json(root / "meta.json"),
                    item_quarantine=pd.read_parquet(item_q) if item_q.is_file() else None)
 
+    @property
+    def shards(self) -> list[str]:
+        """The shards this catalog is the union of (empty: not sharded)."""
+        return list(self.meta.get("shards") or {})
+
+    def shard(self, name: str) -> "Catalog":
+        return Catalog.load(self.root / SHARDS_DIR / name)
+
     def image_file(self, rel: str) -> Path:
         return self.root / rel
 
     @property
     def ok_images(self) -> pd.DataFrame:
         return self.images[self.images["status"] == STATUS_OK]
+
+
+def _prefixed(df: pd.DataFrame | None, column: str, prefix: str) -> pd.DataFrame | None:
+    if df is None:
+        return None
+    df = df.copy()
+    df[column] = (prefix + df[column].astype("string")).where(df[column].notna())
+    return df
+
+
+def _concat(frames: list) -> pd.DataFrame | None:
+    frames = [f for f in frames if f is not None]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _unique_items(parts: dict[str, Catalog]) -> None:
+    owner: dict[str, str] = {}
+    for name, part in parts.items():
+        for item in part.items["item_id"]:
+            if item in owner:
+                raise CatalogError(f"item_id {item!r} is in shard {owner[item]!r} and in shard {name!r}: "
+                                   "item ids must be unique across shards")
+            owner[item] = name
+
+
+def _load_union(root: Path) -> Catalog:
+    """The union of the shards root/meta.json lists, in that order. An item id in two shards is an
+    error naming both (ids must be unique across the catalog)."""
+    meta = read_json(root / "meta.json")
+    parts = {name: Catalog.load(root / SHARDS_DIR / name) for name in meta["shards"]}
+    _unique_items(parts)
+    prefix = {name: f"{SHARDS_DIR}/{name}/" for name in parts}
+    return Catalog(root=root,
+                   items=_concat([p.items.assign(shard=n) for n, p in parts.items()]),
+                   images=_concat([_prefixed(p.images, "path", prefix[n]).assign(shard=n) for n, p in parts.items()]),
+                   quarantine=_concat([p.quarantine for p in parts.values()]),
+                   queries=_concat([_prefixed(p.queries, "image", prefix[n]) for n, p in parts.items()]),
+                   meta=meta,
+                   item_quarantine=_concat([p.item_quarantine for p in parts.values()]))
+
+
+def union_meta(parts: dict[str, Catalog], **extra) -> dict:
+    """The meta.json of a sharded catalog: which shards (name -> fingerprint), one fingerprint over
+    them, counts summed (instances counted over the union: one product may span shards), the first
+    shard's source description. An item id in two shards is refused here, before anything is published."""
+    _unique_items(parts)
+    first = next(iter(parts.values())).meta
+    meta = {k: v for k, v in first.items() if (isinstance(v, (str, bool)) or v is None) and k != "shard_key"}
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in {k for p in parts.values() for k in p.meta}:
+        values = [p.meta.get(key) for p in parts.values()]
+        if key == "shard_key":
+            continue
+        if all(count(v) for v in values):
+            meta[key] = sum(values)
+        elif all(isinstance(v, dict) and all(count(x) for x in v.values()) for v in values):   # counts by reason
+            meta[key] = {k: sum(v.get(k, 0) for v in values) for k in sorted({k for v in values for k in v})}
+    shards = {name: p.meta["fingerprint"] for name, p in parts.items()}
+    groups = pd.concat([p.items["group_id"] for p in parts.values()])
+    return {**meta, "shards": shards, "fingerprint": fingerprint(sorted(shards.items())),
+            "instances": int(groups.nunique()), **extra}
 
 
 def reason_class(reason) -> str:

@@ -264,13 +264,15 @@ def sample_items(src: Source, limit: int | None, seed: int) -> Source:
     return src
 
 
-def load_source(params: dict, paths: Paths) -> Source:
+def load_source(params: dict, paths: Paths, root: str | Path | None = None) -> Source:
+    """The configured source; `root` overrides dataset.root (one shard of a sharded catalog, data/shards.py)."""
     ds = params["dataset"]
     kind = ds["source"]
+    root = root if root is not None else ds["root"]
     if kind == "openclipart":
-        src = load_openclipart(ds["root"])
+        src = load_openclipart(root)
     elif kind == "manifest":
-        src = load_manifest(ds["root"], ds.get("category_separator", DEFAULT_SEPARATOR))
+        src = load_manifest(root, ds.get("category_separator", DEFAULT_SEPARATOR))
     elif kind == "synthetic":
         src = load_synthetic(ds["synthetic"], params["seed"], paths)
     else:
@@ -278,19 +280,9 @@ def load_source(params: dict, paths: Paths) -> Source:
     return sample_items(src, ds.get("limit"), params["seed"])
 
 
-def source_fingerprint(params: dict) -> str:
-    """A cheap content fingerprint of the catalog source, for the Dagster sensor that retrains on
-    a new catalog version: every file's relative path, size and mtime under the source root
-    (openclipart tree or manifest directory); synthetic catalogs are fingerprinted by their params.
-    Nothing is decoded, so a 10k-file tree takes well under a second."""
-    import os
-
-    ds = params["dataset"]
-    if ds["source"] == "synthetic":
-        return fingerprint([ds["synthetic"], params["seed"]])
-    root = Path(ds["root"]).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"catalog source {root} is not a directory")
+def tree_fingerprint(root: Path) -> str:
+    """Every file's relative path, size and mtime under root, hashed: nothing is read or decoded, so
+    a 10k-file tree takes well under a second."""
     h = hashlib.sha256()
     for dirpath, dirnames, files in os.walk(root):
         dirnames.sort()
@@ -298,3 +290,16 @@ def source_fingerprint(params: dict) -> str:
             st = os.stat(os.path.join(dirpath, f))
             h.update(f"{os.path.relpath(os.path.join(dirpath, f), root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
+
+
+def source_fingerprint(params: dict) -> str:
+    """A cheap content fingerprint of the catalog source, for the Dagster sensor that retrains on
+    a new catalog version: tree_fingerprint of the source root (openclipart tree or manifest
+    directory); synthetic catalogs are fingerprinted by their params."""
+    ds = params["dataset"]
+    if ds["source"] == "synthetic":
+        return fingerprint([ds["synthetic"], params["seed"]])
+    root = Path(ds["root"]).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"catalog source {root} is not a directory")
+    return tree_fingerprint(root)

@@ -31,18 +31,24 @@ def execute(profile: str | None = None, dataset: str | None = None, workdir: str
     `--set key.path=value` overrides are in it too."""
     from dagster import execute_job, reconstructable
 
+    from data.shards import partition_keys
+    from orchestration.assets import sync_shards
     from orchestration.definitions import lineage
+    from orchestration.resources import PipelineConfig
 
     config = {"profile": profile or "", "dataset": dataset or "", "workdir": workdir or "",
               "sets": list(sets or [])}
+    dagster_instance = dagster_instance or instance()
+    # one run over every catalog shard (the partitioned catalog assets take them all at once)
+    tags = sync_shards(dagster_instance, partition_keys(PipelineConfig(**config).params()))
     run_config = {"resources": {"pipeline": {"config": config},
                                 "mlflow": {"config": {"tracking_uri": os.environ.get("MLFLOW_TRACKING_URI", "")}}},
                   "loggers": {"stage_lines": {}}}   # one line per stage event (orchestration/logs.py)
     if in_process:
-        return lineage().execute_in_process(instance=dagster_instance or instance(), raise_on_error=False,
-                                            run_config=run_config)
-    return execute_job(reconstructable(lineage), instance=dagster_instance or instance(), run_config=run_config,
-                       raise_on_error=False)
+        return lineage().execute_in_process(instance=dagster_instance, raise_on_error=False, run_config=run_config,
+                                            tags=tags)
+    return execute_job(reconstructable(lineage), instance=dagster_instance, run_config=run_config,
+                       raise_on_error=False, tags=tags)
 
 
 def decisions(result) -> str:

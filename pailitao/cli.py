@@ -59,7 +59,8 @@ def cmd_stage(args) -> int:
     def work() -> int:
         from pailitao.lineage import stage_function
 
-        _print(stage_function(args.command)(params).summary())
+        shards = {"shards": args.shards.split(",")} if getattr(args, "shards", None) else {}
+        _print(stage_function(args.command)(params, **shards).summary())
         return 0
 
     return _logged(args.command, params, work)
@@ -170,7 +171,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pailitao.lineage import stage_help   # parsed from source: --help must not wait for torch
+    from pailitao.lineage import BY_NAME, stage_help   # parsed from source: --help must not wait for torch
 
     p = argparse.ArgumentParser(prog="pailitao", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -188,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one parameter, value read as YAML (repeatable): --set serving.top_k=5")
 
     for name, text in stage_help().items():
-        common(sub.add_parser(name, help=text))
+        sp = sub.add_parser(name, help=text)
+        common(sp)
+        if BY_NAME[name].partitioned:
+            sp.add_argument("--shards", metavar="NAME[,NAME]",
+                            help="a sharded catalog (dataset.sharded): only these shards (default: all)")
     common(sub.add_parser("validate", help="run the validation rules on raw_catalog and print them"))
     common(sub.add_parser("params", help="print the effective parameters (profile, --dataset, --set applied) as YAML"))
     run = sub.add_parser("run", help="run the whole lineage on a catalog; writes OUT/summary.json, metrics.json, report.html")

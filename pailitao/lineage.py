@@ -1,6 +1,6 @@
 """The lineage, declared once: every stage in run order with the stages it depends on, its domain
-(the module in pailitao.stages and the Dagster group), the params.yaml sections it reads and its
-Dagster kinds. `pailitao run` executes it in this order, orchestration/assets.py builds the Dagster
+(the module in pailitao.stages and the Dagster group), the params.yaml sections it reads, its
+Dagster kinds and whether it is partitioned by catalog shard. `pailitao run` executes it in this order, orchestration/assets.py builds the Dagster
 assets from it, and dvc.yaml is generated from it (`pailitao lineage --dvc > dvc.yaml`; a test keeps
 the file equal). Reading it imports no stage module: stage_function() imports one on first use,
 and stage_help() parses the docstrings from source, so the CLI's parser starts without torch."""
@@ -29,6 +29,7 @@ class Stage:
     params: tuple[str, ...] = ()       # params.yaml sections (under `base`) that DVC hashes
     kinds: frozenset = frozenset({"python", "parquet"})
     persist: bool = False              # DVC keeps the output between runs (versions accumulate)
+    partitioned: bool = False          # one Dagster partition per catalog shard (data/shards.py)
 
     @property
     def module(self) -> str:
@@ -37,8 +38,8 @@ class Stage:
 
 # run order: embedding_promotion decides the champion before the served index is built from it
 LINEAGE: tuple[Stage, ...] = (
-    Stage("raw_catalog", "data", (), ("seed", "dataset", "ingest", "validation")),
-    Stage("validated_catalog", "data", ("raw_catalog",), ("ingest", "validation")),
+    Stage("raw_catalog", "data", (), ("seed", "dataset", "ingest", "validation"), partitioned=True),
+    Stage("validated_catalog", "data", ("raw_catalog",), ("ingest", "validation"), partitioned=True),
     Stage("splits", "data", ("validated_catalog",), ("seed", "splits")),
     Stage("query_sets", "data", ("validated_catalog", "splits"), ("seed", "queries", "noise")),
     Stage("base_model", "embedding", ("validated_catalog", "splits", "query_sets"), ("seed", "model"), TRAINING),
@@ -51,7 +52,7 @@ LINEAGE: tuple[Stage, ...] = (
     Stage("embedding_promotion", "evaluation", ("embedding_model", "baseline_embedder", "query_sets"),
           ("report", "promotion"), TRAINING),
     Stage("item_embeddings", "retrieval", ("validated_catalog", "embedding_promotion"), ("model", "serving"),
-          frozenset({"pytorch", "numpy"})),
+          frozenset({"pytorch", "numpy"}), partitioned=True),
     Stage("ann_index", "retrieval", ("item_embeddings",), ("ann_index",), frozenset({"faiss"}), persist=True),
     Stage("reranker_dataset", "reranking", ("item_embeddings", "query_sets"),
           ("seed", "model", "reranker", "serving", "queries", "noise"),
@@ -63,6 +64,9 @@ LINEAGE: tuple[Stage, ...] = (
 )
 BY_NAME = {s.name: s for s in LINEAGE}
 NAMES = tuple(BY_NAME)
+# what a new catalog shard runs (the catalog_update job): it is ingested, validated and embedded
+# alone, and a new index version is built over every shard's embeddings
+CATALOG_UPDATE = tuple(s.name for s in LINEAGE if s.partitioned) + ("ann_index",)
 
 
 def stage_function(name: str):

@@ -110,7 +110,7 @@ def test_serving_champion_resolves_through_the_aliases(tiny_lineage, monkeypatch
 
 
 def test_schedule_and_sensor_fire_on_a_changed_catalog(tmp_path, monkeypatch):
-    from dagster import RunRequest, build_sensor_context
+    from dagster import RunRequest, build_sensor_context, instance_for_test
 
     from orchestration.definitions import defs
     from tests.conftest import write_manifest
@@ -119,11 +119,16 @@ def test_schedule_and_sensor_fire_on_a_changed_catalog(tmp_path, monkeypatch):
     root = write_manifest(tmp_path / "m", n_items=4)
     monkeypatch.setenv("PAILITAO_DATASET", str(root))
     sensor = defs.resolve_sensor_def("new_catalog_version")
-    first = sensor.evaluate_tick(build_sensor_context(cursor=None))
-    assert len(first.run_requests) == 1 and isinstance(first.run_requests[0], RunRequest)
-    same = sensor.evaluate_tick(build_sensor_context(cursor=first.cursor))
-    assert not same.run_requests and same.skip_message and "unchanged" in same.skip_message
-    (root / "items.csv").write_text((root / "items.csv").read_text() + "item999,new product,apparel/hats,item999,\n")
-    changed = sensor.evaluate_tick(build_sensor_context(cursor=first.cursor))
-    assert len(changed.run_requests) == 1 and changed.cursor != first.cursor
-    assert changed.run_requests[0].run_key != first.run_requests[0].run_key
+    with instance_for_test() as instance:   # partitioned run requests need a persistent instance
+        def tick(cursor):
+            return sensor.evaluate_tick(build_sensor_context(cursor=cursor, instance=instance,
+                                                             instance_ref=instance.get_ref(), definitions=defs))
+
+        first = tick(None)
+        assert len(first.run_requests) == 1 and isinstance(first.run_requests[0], RunRequest)
+        same = tick(first.cursor)
+        assert not same.run_requests and same.skip_message and "unchanged" in same.skip_message
+        (root / "items.csv").write_text((root / "items.csv").read_text() + "item999,new product,apparel/hats,item999,\n")
+        changed = tick(first.cursor)
+        assert len(changed.run_requests) == 1 and changed.cursor != first.cursor
+        assert changed.run_requests[0].run_key != first.run_requests[0].run_key

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import pandas as pd
+
+from core.io import atomic_path, link_tree, read_json, write_json
+from data.schema import SHARDS_DIR
 
 
 @dataclass
@@ -45,3 +49,39 @@ def finish(res: StageResult, run) -> StageResult:
 def ddp_worker(name: str, path: Path, rank: int) -> StageResult:
     """What a DDP worker (global rank > 0) returns: it trained its share; rank 0 recorded and wrote."""
     return StageResult(name, path, info={"rank": rank, "role": "ddp worker: rank 0 wrote the outputs"})
+
+
+# ------------------------------------------------------------------------- sharded assets (data/shards.py)
+def held_shards(root: Path) -> dict[str, dict]:
+    """Shard -> its meta.json, for the shards a sharded asset directory holds now ({} if none)."""
+    meta = root / "meta.json"
+    names = read_json(meta).get("shards") or {} if meta.is_file() else {}
+    return {n: read_json(root / SHARDS_DIR / n / "meta.json") for n in names
+            if (root / SHARDS_DIR / n / "meta.json").is_file()}
+
+
+def write_shards(root: Path, names: list[str], build: dict[str, Callable[[Path, Path | None], None]],
+                 union: Callable[[Path], dict]) -> dict:
+    """Rewrite the sharded asset at `root` and swap it in whole (atomically): shards/<name>/ for
+    every name, in that order, made by build[name](its new dir, its previous dir or None), or else
+    hard-linked from the current version (an unchanged shard is not read again). union(new root)
+    returns the root's meta.json. A shard not in `names` is dropped. The caller holds
+    core.io.exclusive(root) from reading what is held to here."""
+    with atomic_path(root) as tmp:
+        for name in names:
+            prev = root / SHARDS_DIR / name
+            if name in build:
+                build[name](tmp / SHARDS_DIR / name, prev if prev.is_dir() else None)
+            else:
+                link_tree(prev, tmp / SHARDS_DIR / name)
+        meta = union(tmp)
+        write_json(meta, tmp / "meta.json")
+    return meta
+
+
+def shard_info(names: list[str], built: list[str], requested: list[str] | None = None) -> tuple[dict, dict]:
+    """(metrics, info) a sharded stage adds to its StageResult: how many shards, which were (re)built."""
+    info = {"shards": ",".join(names), "shards_built": ",".join(built) or "(none: all up to date)"}
+    if requested is not None:
+        info["shards_requested"] = ",".join(requested)
+    return {"shard_count": len(names), "shards_built_count": len(built)}, info

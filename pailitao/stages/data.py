@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
-import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -15,14 +14,15 @@ from PIL import Image
 
 from data.ingest import build_catalog
 from data.queries import build_query_sets, image_queries
-from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError, reason_class
-from data.sources import load_source
+from data.schema import CATALOG_VIEW, SHARDS_DIR, STATUS_OK, Catalog, CatalogError, reason_class, union_meta
+from data.shards import requested, source_shards
+from data.sources import load_source, tree_fingerprint
 from data.splits import assign_splits
 from data.validation import CheckOutcome, failed_errors, validate_catalog
-from core.config import Paths
-from core.io import atomic_path, write_json, write_parquet
+from core.config import Paths, fingerprint
+from core.io import atomic_path, exclusive, link_tree, write_json, write_parquet
 from core.tracking import start_run
-from pailitao.stages import StageResult, finish, md_table
+from pailitao.stages import StageResult, finish, held_shards, md_table, shard_info, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -66,20 +66,26 @@ def _item_metrics(meta: dict) -> dict:
                for k, v in (meta.get("item_quarantine_reasons") or {}).items()}}
 
 
-def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
-    """Load the configured source and write the normalized catalog (bad images quarantined)."""
+def raw_catalog(params: dict, dagster_run_id: str | None = None, *, shards: list[str] | None = None) -> StageResult:
+    """Load the configured source and write the normalized catalog (bad images quarantined); a
+    sharded source (dataset.sharded) one shard at a time: those asked for (default all) when their
+    files or the ingest settings changed; the others stay, unless they left the source."""
     paths, t0 = Paths.from_params(params), time.perf_counter()
-    src = load_source(params, paths)
-    catalog = build_catalog(src, paths.asset("raw_catalog"), params["ingest"], params["validation"])
+    if params["dataset"]["sharded"]:
+        catalog, (shard_metrics, shard_meta) = _raw_shards(params, paths, shards)
+    else:
+        catalog = build_catalog(load_source(params, paths), paths.asset("raw_catalog"), params["ingest"],
+                                params["validation"])
+        shard_metrics, shard_meta = {}, {}
     m = catalog.meta
     res = StageResult("raw_catalog", catalog.root,
                       metrics={"items": m["items"], "images": m["images"], "instances": m["instances"],
                                "quarantined": m["quarantined"],
                                "quarantined_share": m["quarantined"] / max(m["images"], 1),
-                               **_item_metrics(m),
+                               **_item_metrics(m), **shard_metrics,
                                "seconds": round(time.perf_counter() - t0, 2)},
                       info={"source": m["source"], "synthetic": m["synthetic"],
-                            "fingerprint": m["fingerprint"], "root": m["root"]},
+                            "fingerprint": m["fingerprint"], "root": m["root"], **shard_meta},
                       markdown={"preview": md_table(catalog.items),
                                 "quarantine": quarantine_summary(catalog),
                                 "item_quarantine": item_quarantine_summary(catalog)})
@@ -91,29 +97,44 @@ def raw_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
         return finish(res, run)
 
 
+def _raw_shards(params: dict, paths: Paths, shards: list[str] | None) -> tuple[Catalog, tuple[dict, dict]]:
+    """raw_catalog of a sharded source: a shard is ingested again only when its files (paths,
+    sizes, mtimes) or the settings that shape it changed."""
+    root, source = paths.asset("raw_catalog"), source_shards(params["dataset"])
+    asked = requested(params, shards)
+    ds = params["dataset"]
+    settings = [ds["source"], ds["limit"], ds["category_separator"], params["ingest"], params["validation"],
+                params["seed"]]
+    with exclusive(root):
+        held = held_shards(root)
+        names = [n for n in source if n in asked or n in held]
+        keys = {n: fingerprint([tree_fingerprint(source[n]), settings]) for n in asked}
+        build = {n: partial(_ingest_shard, params, paths, source[n], keys[n]) for n in asked
+                 if held.get(n, {}).get("shard_key") != keys[n]}
+        if build or list(held) != names:
+            write_shards(root, names, build, lambda tmp: union_meta(
+                {n: Catalog.load(tmp / SHARDS_DIR / n) for n in names}, root=str(ds["root"])))
+    return Catalog.load(root), shard_info(names, list(build), asked)
+
+
+def _ingest_shard(params: dict, paths: Paths, src_dir: Path, key: str, dst: Path, prev: Path | None) -> None:
+    build_catalog(load_source(params, paths, root=src_dir), dst, params["ingest"], params["validation"],
+                  reuse_dir=prev, meta_extra={"shard_key": key})
+
+
 def check_raw_catalog(params: dict) -> list[CheckOutcome]:
     """The Great Expectations rules over the raw catalog (Dagster runs them as asset checks)."""
     return validate_catalog(Catalog.load(Paths.from_params(params).asset("raw_catalog")), params["validation"],
                             params["ingest"])
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link every file below src into dst (copy across file systems)."""
-    for dirpath, _, files in os.walk(src):
-        target = dst / Path(dirpath).relative_to(src)
-        target.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            try:
-                os.link(Path(dirpath) / f, target / f)
-            except OSError:
-                shutil.copy2(Path(dirpath) / f, target / f)
-
-
-def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageResult:
+def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
+                      shards: list[str] | None = None) -> StageResult:
     """The raw catalog minus quarantined images and items left without a catalog image (item rows
     quarantined at ingest are not in it, nor their images). Refuses to
     run when a blocking validation rule fails (in Dagster the blocking asset checks stop it first;
-    the rules run again here so no caller can skip them)."""
+    the rules run again here so no caller can skip them). A sharded catalog is validated whole (some
+    rules look across shards) and written per shard: only the shards whose raw data changed."""
     paths = Paths.from_params(params)
     raw = Catalog.load(paths.asset("raw_catalog"))
     outcomes = validate_catalog(raw, params["validation"], params["ingest"])
@@ -121,34 +142,31 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageR
     if failed:
         raise ValidationFailed("catalog validation failed:\n" +
                                "\n".join(f"- {o.name}: {o.description}" for o in failed))
-    images = raw.ok_images
-    served = images.loc[images["view"] == CATALOG_VIEW, "item_id"].unique()
-    items = raw.items[raw.items["item_id"].isin(served)].reset_index(drop=True)
-    images = images[images["item_id"].isin(items["item_id"])].reset_index(drop=True)
     out = paths.asset("validated_catalog")
-    with atomic_path(out) as tmp:
-        _link_tree(raw.root / "images", tmp / "images")
-        items.to_parquet(tmp / "items.parquet", index=False)
-        images.to_parquet(tmp / "images.parquet", index=False)
-        raw.quarantine.to_parquet(tmp / "quarantine.parquet", index=False)
-        if raw.item_quarantine is not None:
-            raw.item_quarantine.to_parquet(tmp / "item_quarantine.parquet", index=False)
-        if raw.queries is not None:
-            raw.queries.to_parquet(tmp / "queries.parquet", index=False)
-        meta = {**raw.meta, "items": len(items), "images": len(images),
-                "instances": int(items["group_id"].nunique()),
-                "dropped_items": len(raw.items) - len(items),
-                "checks": {o.name: o.passed for o in outcomes}}
-        write_json(meta, tmp / "meta.json")
+    checks = {o.name: o.passed for o in outcomes}
+    shard_metrics, shard_meta = {}, {}
+    if raw.shards:
+        with exclusive(out):
+            held = held_shards(out)
+            build = {n: partial(_write_validated, raw.shard(n), checks) for n in raw.shards
+                     if held.get(n, {}).get("shard_key") != raw.meta["shards"][n]}
+            if build or list(held) != raw.shards:
+                write_shards(out, raw.shards, build, lambda tmp: union_meta(
+                    {n: Catalog.load(tmp / SHARDS_DIR / n) for n in raw.shards}, checks=checks))
+        shard_metrics, shard_meta = shard_info(raw.shards, list(build), shards)
+    else:
+        with atomic_path(out) as tmp:
+            _write_validated(raw, checks, tmp)
     catalog = Catalog.load(out)
+    meta = catalog.meta
     res = StageResult("validated_catalog", out,
                       metrics={"items": meta["items"], "images": meta["images"],
                                "instances": meta["instances"], "dropped_items": meta["dropped_items"],
                                "items_quarantined": int(meta.get("items_quarantined", 0)),
                                "titles_truncated": int(meta.get("titles_truncated", 0) or 0),
-                               "checks_passed": sum(o.passed for o in outcomes)},
+                               "checks_passed": sum(o.passed for o in outcomes), **shard_metrics},
                       info={"fingerprint": meta["fingerprint"], "synthetic": meta["synthetic"],
-                            "source": meta["source"]},
+                            "source": meta["source"], **shard_meta},
                       markdown={"quarantine": quarantine_summary(catalog),
                                 "item_quarantine": item_quarantine_summary(catalog),
                                 "categories": catalog.items["category"].value_counts().head(15)
@@ -156,6 +174,28 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None) -> StageR
     with start_run("validated_catalog", params, meta["fingerprint"], dagster_run_id) as run:
         mlflow.log_dict({o.name: vars(o) for o in outcomes}, "checks.json")
         return finish(res, run)
+
+
+def _write_validated(raw: Catalog, checks: dict, tmp: Path, prev: Path | None = None) -> None:
+    """The validated form of one (unsharded) raw catalog into tmp; images are hard-linked."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    images = raw.ok_images
+    served = images.loc[images["view"] == CATALOG_VIEW, "item_id"].unique()
+    items = raw.items[raw.items["item_id"].isin(served)].reset_index(drop=True)
+    images = images[images["item_id"].isin(items["item_id"])].reset_index(drop=True)
+    link_tree(raw.root / "images", tmp / "images")
+    items.to_parquet(tmp / "items.parquet", index=False)
+    images.to_parquet(tmp / "images.parquet", index=False)
+    raw.quarantine.to_parquet(tmp / "quarantine.parquet", index=False)
+    if raw.item_quarantine is not None:
+        raw.item_quarantine.to_parquet(tmp / "item_quarantine.parquet", index=False)
+    if raw.queries is not None:
+        raw.queries.to_parquet(tmp / "queries.parquet", index=False)
+    meta = {**raw.meta, "items": len(items), "images": len(images),
+            "instances": int(items["group_id"].nunique()),
+            "dropped_items": len(raw.items) - len(items), "checks": checks,
+            "shard_key": raw.meta["fingerprint"]}
+    write_json(meta, tmp / "meta.json")
 
 
 def splits(params: dict, dagster_run_id: str | None = None) -> StageResult:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from data.schema import Catalog
+from data.schema import SHARDS_DIR, Catalog
 from data.taxonomy import display_names
 from evaluation.retrieval import cached_gallery, item_documents
 from core.config import Paths, fingerprint
-from core.io import atomic_path, read_json, write_json
-from pailitao.stages import StageResult, finish
+from core.io import atomic_path, exclusive, read_json, write_json
+from pailitao.stages import StageResult, finish, held_shards, shard_info, write_shards
 from core.tracking import start_run
 from retrieval import index_store
 from retrieval.models import load_embedder, resolve_model, variant_dirs
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: str | None = None,
-                    out: Path | None = None) -> StageResult:
-    """Embed every catalog image (with its title) by the served embedder at model.served_dim."""
+                    out: Path | None = None, shards: list[str] | None = None) -> StageResult:
+    """Embed every catalog image (with its title) by the served embedder at model.served_dim; a
+    sharded catalog shard by shard (only the shards whose images or embedder changed), with the
+    union of all shards at the top of the directory, where ann_index and the service read it."""
     paths, t0 = Paths.from_params(params), time.perf_counter()
     catalog = Catalog.load(paths.asset("validated_catalog"))
     info = resolve_model(params, model)
@@ -36,35 +39,70 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
     if params["compute"]["engine"] == "ray":   # a Ray Data actor pool (retrieval/ray_embed.py): same vectors
         from retrieval.ray_embed import ray_engine
         engine = ray_engine(info.path, params["compute"]["ray"])
-    g, emb = cached_gallery(paths.gallery_cache, info.fingerprint, lambda: load_embedder(info), catalog, dim,
-                            params["serving"]["embed_batch_size"], engine=engine)
+    embed = partial(_embed_into, params, info, cache(partial(load_embedder, info)), dim, engine, out)
+    shard_metrics, shard_meta = {}, {}
+    if catalog.shards:
+        with exclusive(out):
+            held = held_shards(out)
+            keys = {n: fingerprint([catalog.meta["shards"][n], info.fingerprint, dim]) for n in catalog.shards}
+            build = {n: partial(embed, catalog.shard(n), keys[n]) for n in catalog.shards
+                     if held.get(n, {}).get("shard_key") != keys[n]}
+            if build or list(held) != catalog.shards:
+                write_shards(out, catalog.shards, build, partial(_union_embeddings, catalog, info, dim))
+        shard_metrics, shard_meta = shard_info(catalog.shards, list(build), shards)
+    else:
+        with atomic_path(out) as tmp:
+            embed(catalog, None, tmp)
     seconds = time.perf_counter() - t0
-    # image paths relative to the parent of `out` (ItemTable resolves them from there), so the
-    # directory survives a moved workdir
+    meta, items = read_json(out / "meta.json"), pd.read_parquet(out / "items.parquet")
+    embedded = sum(read_json(out / SHARDS_DIR / n / "meta.json")["n"] for n in build) if catalog.shards else len(items)
+    res = StageResult("item_embeddings", out,
+                      metrics={"items": int(items["item_id"].nunique()), "images": len(items), "dim": dim,
+                               "seconds": round(seconds, 1), **shard_metrics,
+                               "images_embedded": embedded, "images_per_second": round(embedded / max(seconds, 1e-9), 1)},
+                      info={"model": info.name, "model_source": info.source,
+                            "model_version": info.fingerprint, "fingerprint": meta["fingerprint"],
+                            "engine": params["compute"]["engine"], **shard_meta},
+                      markdown={"preview": items.head(10).to_markdown(index=False)})
+    with start_run("item_embeddings", params, catalog.meta["fingerprint"], dagster_run_id) as run:
+        return finish(res, run)
+
+
+def _embed_into(params: dict, info, embedder, dim: int, engine, out: Path, catalog: Catalog, key: str | None,
+                tmp: Path, prev: Path | None = None) -> None:
+    """embeddings.npy, items.parquet and meta.json of one (unsharded) catalog into tmp. Image paths
+    are relative to the parent of `out` (ItemTable resolves them from there), so the directory
+    survives a moved workdir."""
+    paths = Paths.from_params(params)
+    g, emb = cached_gallery(paths.gallery_cache, info.fingerprint, embedder, catalog, dim,
+                            params["serving"]["embed_batch_size"], engine=engine)
     catalog_rel = Path(os.path.relpath(Path(catalog.root).resolve(), out.resolve().parent))
     docs = dict(zip(*item_documents(catalog)))   # what the lexical side of hybrid search indexes
     items = g[["image_id", "item_id", "title", "category", "group_id"]].assign(
         category_display=g["item_id"].map(display_names(catalog.items)),
         image=[str(catalog_rel / p) for p in g["path"]], document=[docs[i] for i in g["item_id"]])
     fp = catalog.meta["fingerprint"]
-    meta = {"model": info.name, "model_source": info.source, "model_version": info.fingerprint,
-            "dim": dim, "n": len(g), "catalog_fingerprint": fp,
-            "fingerprint": fingerprint([fp, info.fingerprint, dim])}
-    with atomic_path(out) as tmp:
-        tmp.mkdir(parents=True)
-        np.save(tmp / "embeddings.npy", emb)
-        items.to_parquet(tmp / "items.parquet", index=False)
-        write_json(meta, tmp / "meta.json")
-    res = StageResult("item_embeddings", out,
-                      metrics={"items": int(g["item_id"].nunique()), "images": len(g), "dim": dim,
-                               "seconds": round(seconds, 1),
-                               "images_per_second": round(len(g) / max(seconds, 1e-9), 1)},
-                      info={"model": info.name, "model_source": info.source,
-                            "model_version": info.fingerprint, "fingerprint": meta["fingerprint"],
-                            "engine": params["compute"]["engine"]},
-                      markdown={"preview": items.head(10).to_markdown(index=False)})
-    with start_run("item_embeddings", params, fp, dagster_run_id) as run:
-        return finish(res, run)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "embeddings.npy", emb)
+    items.to_parquet(tmp / "items.parquet", index=False)
+    write_json({"model": info.name, "model_source": info.source, "model_version": info.fingerprint,
+                "dim": dim, "n": len(g), "catalog_fingerprint": fp,
+                "fingerprint": fingerprint([fp, info.fingerprint, dim]), **({"shard_key": key} if key else {})},
+               tmp / "meta.json")
+
+
+def _union_embeddings(catalog: Catalog, info, dim: int, tmp: Path) -> dict:
+    """The union of the shards' embeddings at the top of a sharded item_embeddings directory."""
+    parts = [tmp / SHARDS_DIR / n for n in catalog.shards]
+    metas = [read_json(p / "meta.json") for p in parts]
+    np.save(tmp / "embeddings.npy", np.concatenate([np.load(p / "embeddings.npy") for p in parts]))
+    pd.concat([pd.read_parquet(p / "items.parquet") for p in parts], ignore_index=True) \
+        .to_parquet(tmp / "items.parquet", index=False)
+    fp = catalog.meta["fingerprint"]
+    return {"model": info.name, "model_source": info.source, "model_version": info.fingerprint, "dim": dim,
+            "n": sum(m["n"] for m in metas), "catalog_fingerprint": fp,
+            "fingerprint": fingerprint([fp, info.fingerprint, dim]),
+            "shards": {n: m["shard_key"] for n, m in zip(catalog.shards, metas)}}
 
 
 def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Path | None = None,
