@@ -57,11 +57,12 @@ class Catalog:
     item_quarantine: pd.DataFrame | None = None   # ITEM_QUARANTINE_COLUMNS (None: none recorded)
 
     @classmethod
-    def load(cls, root: str | Path) -> "Catalog":
+    def load(cls, root: str | Path, shards: list[str] | None = None) -> "Catalog":
+        """The catalog at root; of a sharded one, the union of all its shards, or of `shards`."""
         root = Path(root)
         if not (root / "items.parquet").is_file():
             if (root / SHARDS_DIR).is_dir() and (root / "meta.json").is_file():
-                return _load_union(root)
+                return _load_union(root, shards)
             raise CatalogError(f"{root}: not a catalog directory (items.parquet missing)")
         queries = root / "queries.parquet"
         item_q = root / "item_quarantine.parquet"
@@ -112,11 +113,16 @@ def _unique_items(parts: dict[str, Catalog]) -> None:
             owner[item] = name
 
 
-def _load_union(root: Path) -> Catalog:
-    """The union of the shards root/meta.json lists, in that order. An item id in two shards is an
-    error naming both (ids must be unique across the catalog)."""
+def _load_union(root: Path, shards: list[str] | None = None) -> Catalog:
+    """The union of the shards root/meta.json lists (or of `shards` among them), in that order. An
+    item id in two shards is an error naming both (ids must be unique across the catalog)."""
     meta = read_json(root / "meta.json")
-    parts = {name: Catalog.load(root / SHARDS_DIR / name) for name in meta["shards"]}
+    missing = [s for s in shards or () if s not in meta["shards"]]
+    if missing:
+        raise CatalogError(f"{root} holds no shard {', '.join(missing)} (it holds {', '.join(meta['shards'])})")
+    parts = {name: Catalog.load(root / SHARDS_DIR / name) for name in meta["shards"] if not shards or name in shards}
+    if shards:
+        meta = union_meta(parts)
     _unique_items(parts)
     prefix = {name: f"{SHARDS_DIR}/{name}/" for name in parts}
     return Catalog(root=root,

@@ -2,7 +2,7 @@
 the dependencies, the groups and the kinds are declared). Each body only runs its stage function
 with the injected resources and turns its StageResult into asset metadata."""
 from dagster import (AssetExecutionContext, AssetsDefinition, BackfillPolicy, DynamicPartitionsDefinition,
-                     MaterializeResult, MetadataValue, asset)
+                     MaterializeResult, MetadataValue, OpExecutionContext, asset)
 
 from orchestration.resources import MlflowTracking, PipelineConfig
 from pailitao.lineage import LINEAGE, Stage, stage_function
@@ -50,10 +50,10 @@ def sync_shards(instance, keys: list[str]) -> dict:
     return {"dagster/asset_partition_range_start": order[0], "dagster/asset_partition_range_end": order[-1]}
 
 
-def run_shards(context: AssetExecutionContext, params: dict) -> list[str] | None:
-    """The shards a run of a partitioned asset covers: its partition key, or its range (a backfill
-    runs as one run: BackfillPolicy.single_run); None (every shard) for an unsharded catalog or a run
-    without partitions."""
+def run_shards(context: AssetExecutionContext | OpExecutionContext, params: dict) -> list[str] | None:
+    """The shards a run of a partitioned asset (or its check) covers: its partition key, or its range
+    (a backfill runs as one run: BackfillPolicy.single_run); None (every shard) for an unsharded
+    catalog or a run without partitions."""
     if not params["dataset"]["sharded"] or not (context.has_partition_key or context.has_partition_key_range):
         return None
     return list(context.partition_keys)

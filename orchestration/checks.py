@@ -1,20 +1,23 @@
 """Blocking asset checks beside the assets they guard: the catalog's validation rules on
 raw_catalog (a failed error-severity rule stops everything downstream) and the new index's
 recall against exact search on ann_index. Each only calls its stage module."""
-from dagster import (AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue, asset_check,
-                     multi_asset_check)
+from dagster import (AssetCheckExecutionContext, AssetCheckResult, AssetCheckSeverity, AssetCheckSpec, MetadataValue,
+                     asset_check, multi_asset_check)
 
 from data.validation import RULES
+from orchestration.assets import run_shards
 from orchestration.resources import PipelineConfig
 
 
 @multi_asset_check(specs=[AssetCheckSpec(r.name, asset="raw_catalog", blocking=True, description=r.description)
                           for r in RULES])
-def raw_catalog_checks(pipeline: PipelineConfig):
-    """Great Expectations rules; a failed error-severity rule blocks everything downstream."""
+def raw_catalog_checks(context: AssetCheckExecutionContext, pipeline: PipelineConfig):
+    """Great Expectations rules (over the run's shards of a sharded catalog); a failed
+    error-severity rule blocks everything downstream."""
     from pailitao.stages.data import check_raw_catalog
 
-    for o in check_raw_catalog(pipeline.params()):
+    params = pipeline.params()
+    for o in check_raw_catalog(params, run_shards(context.op_execution_context, params)):
         yield AssetCheckResult(check_name=o.name, asset_key="raw_catalog", passed=o.passed,
                                severity=AssetCheckSeverity.ERROR if o.severity == "error"
                                else AssetCheckSeverity.WARN,

@@ -178,7 +178,17 @@ def test_shards_are_dagster_partitions_and_the_sensor_follows_them(sharded, monk
             assert {k for k in done if k[1]} == {(a, shard) for a in ("raw_catalog", "validated_catalog",
                                                                      "item_embeddings")}
             assert done[("item_embeddings", shard)]["shards_built"].value == shard
+            checks = [e.event_specific_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+            assert {c.check_name for c in checks} >= {"ann_index_recall", "unique_item_id", "images_decode"}
         assert instance.get_materialized_partitions(AssetKey("item_embeddings")) == {"shard0", "shard1"}
+        # a backfill over both partitions (and the lineage job over every one) is one run
+        result = job.execute_in_process(instance=instance, run_config=run_config, tags=sync_shards(
+            instance, ["shard0", "shard1"]))
+        done = materialized(result)
+        assert {k for k in done if k[1]} == {(a, s) for a in ("raw_catalog", "validated_catalog", "item_embeddings")
+                                             for s in ("shard0", "shard1")}
+        assert done[("raw_catalog", "shard0")]["shards_requested"].value == "shard0,shard1"
+        assert done[("item_embeddings", "shard1")]["shards_built"].value == "(none: all up to date)"
 
         def tick(cursor):
             return defs.resolve_sensor_def("new_catalog_version").evaluate_tick(build_sensor_context(
@@ -205,3 +215,26 @@ def test_shards_are_dagster_partitions_and_the_sensor_follows_them(sharded, monk
         assert [(type(r).__name__, r.partition_keys) for r in gone.dynamic_partitions_requests] == [
             ("DeleteDynamicPartitionsRequest", ["shard0"])]
         assert len(gone.run_requests) == 1 and gone.run_requests[0].tags["pailitao/shards_removed"] == "shard0"
+
+
+def test_only_new_shards_are_validated_and_a_bad_one_is_refused_alone(sharded):
+    from pailitao.stages.data import ValidationFailed, check_raw_catalog, raw_catalog, validated_catalog
+
+    params, root = sharded
+    raw_catalog(params)
+    first = validated_catalog(params)
+    bad = write_shard(root, "shard2", n_items=4, seed=3)
+    for png in (bad / "img").iterdir():
+        png.write_text("not an image\n")   # every image quarantined: above validation.quarantine_max_share
+    raw_catalog(params)
+    assert all(o.passed or o.severity != "error" for o in check_raw_catalog(params, ["shard0", "shard1"]))
+    failed = [o.name for o in check_raw_catalog(params, ["shard2"]) if not o.passed and o.severity == "error"]
+    assert failed and failed == [o.name for o in check_raw_catalog(params) if not o.passed and o.severity == "error"]
+    with pytest.raises(ValidationFailed, match="catalog validation failed"):
+        validated_catalog(params)
+    kept = Catalog.load(Paths.from_params(params).asset("validated_catalog"))   # the last good version stays
+    assert kept.shards == ["shard0", "shard1"] and kept.meta["fingerprint"] == first.info["fingerprint"]
+    shutil.rmtree(bad)
+    raw_catalog(params)
+    again = validated_catalog(params)
+    assert again.info["shards_built"] == "(none: all up to date)" and again.metrics["checks_passed"] == 0

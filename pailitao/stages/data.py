@@ -122,10 +122,11 @@ def _ingest_shard(params: dict, paths: Paths, src_dir: Path, key: str, dst: Path
                   reuse_dir=prev, meta_extra={"shard_key": key})
 
 
-def check_raw_catalog(params: dict) -> list[CheckOutcome]:
-    """The Great Expectations rules over the raw catalog (Dagster runs them as asset checks)."""
-    return validate_catalog(Catalog.load(Paths.from_params(params).asset("raw_catalog")), params["validation"],
-                            params["ingest"])
+def check_raw_catalog(params: dict, shards: list[str] | None = None) -> list[CheckOutcome]:
+    """The Great Expectations rules over the raw catalog, or over the union of `shards` of a sharded
+    one (Dagster runs them as asset checks, over the run's partitions)."""
+    return validate_catalog(Catalog.load(Paths.from_params(params).asset("raw_catalog"), shards),
+                            params["validation"], params["ingest"])
 
 
 def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
@@ -133,30 +134,27 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
     """The raw catalog minus quarantined images and items left without a catalog image (item rows
     quarantined at ingest are not in it, nor their images). Refuses to
     run when a blocking validation rule fails (in Dagster the blocking asset checks stop it first;
-    the rules run again here so no caller can skip them). A sharded catalog is validated whole (some
-    rules look across shards) and written per shard: only the shards whose raw data changed."""
+    the rules run again here so no caller can skip them). Of a sharded catalog, only the shards
+    whose raw data changed are validated (together) and written; the others stay as they are."""
     paths = Paths.from_params(params)
     raw = Catalog.load(paths.asset("raw_catalog"))
-    outcomes = validate_catalog(raw, params["validation"], params["ingest"])
-    failed = failed_errors(outcomes)
-    if failed:
-        raise ValidationFailed("catalog validation failed:\n" +
-                               "\n".join(f"- {o.name}: {o.description}" for o in failed))
     out = paths.asset("validated_catalog")
-    checks = {o.name: o.passed for o in outcomes}
     shard_metrics, shard_meta = {}, {}
     if raw.shards:
         with exclusive(out):
             held = held_shards(out)
-            build = {n: partial(_write_validated, raw.shard(n), checks) for n in raw.shards
-                     if held.get(n, {}).get("shard_key") != raw.meta["shards"][n]}
+            stale = [n for n in raw.shards if held.get(n, {}).get("shard_key") != raw.meta["shards"][n]]
+            outcomes = _validate(Catalog.load(raw.root, stale), params) if stale else []
+            checks = {o.name: o.passed for o in outcomes}
+            build = {n: partial(_write_validated, raw.shard(n), checks) for n in stale}
             if build or list(held) != raw.shards:
                 write_shards(out, raw.shards, build, lambda tmp: union_meta(
-                    {n: Catalog.load(tmp / SHARDS_DIR / n) for n in raw.shards}, checks=checks))
-        shard_metrics, shard_meta = shard_info(raw.shards, list(build), shards)
+                    {n: Catalog.load(tmp / SHARDS_DIR / n) for n in raw.shards}))
+        shard_metrics, shard_meta = shard_info(raw.shards, stale, shards)
     else:
+        outcomes = _validate(raw, params)
         with atomic_path(out) as tmp:
-            _write_validated(raw, checks, tmp)
+            _write_validated(raw, {o.name: o.passed for o in outcomes}, tmp)
     catalog = Catalog.load(out)
     meta = catalog.meta
     res = StageResult("validated_catalog", out,
@@ -164,7 +162,8 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
                                "instances": meta["instances"], "dropped_items": meta["dropped_items"],
                                "items_quarantined": int(meta.get("items_quarantined", 0)),
                                "titles_truncated": int(meta.get("titles_truncated", 0) or 0),
-                               "checks_passed": sum(o.passed for o in outcomes), **shard_metrics},
+                               "checks_run": len(outcomes), "checks_passed": sum(o.passed for o in outcomes),
+                               **shard_metrics},
                       info={"fingerprint": meta["fingerprint"], "synthetic": meta["synthetic"],
                             "source": meta["source"], **shard_meta},
                       markdown={"quarantine": quarantine_summary(catalog),
@@ -174,6 +173,16 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
     with start_run("validated_catalog", params, meta["fingerprint"], dagster_run_id) as run:
         mlflow.log_dict({o.name: vars(o) for o in outcomes}, "checks.json")
         return finish(res, run)
+
+
+def _validate(raw: Catalog, params: dict) -> list[CheckOutcome]:
+    """The validation rules' outcomes; ValidationFailed when an error-severity rule fails."""
+    outcomes = validate_catalog(raw, params["validation"], params["ingest"])
+    failed = failed_errors(outcomes)
+    if failed:
+        raise ValidationFailed("catalog validation failed:\n" +
+                               "\n".join(f"- {o.name}: {o.description}" for o in failed))
+    return outcomes
 
 
 def _write_validated(raw: Catalog, checks: dict, tmp: Path, prev: Path | None = None) -> None:
