@@ -271,7 +271,7 @@ def query_sets(params: dict, dagster_run_id: str | None = None) -> StageResult:
     if preview.is_file():
         md["sample_queries"] = ("Columns: held-out instances. Rows: catalog image, then "
                                 + ", ".join(dict.fromkeys(image_queries(queries)["level"])) + ".\n\n"
-                                + f"![sample queries](data:image/png;base64,"
+                                + "![sample queries](data:image/png;base64,"
                                 + base64.b64encode(preview.read_bytes()).decode() + ")")
     res = StageResult("query_sets", out, metrics=metrics, info={"fingerprint": catalog.meta["fingerprint"]},
                       markdown=md)
