@@ -238,3 +238,6 @@ def test_only_new_shards_are_validated_and_a_bad_one_is_refused_alone(sharded):
     raw_catalog(params)
     again = validated_catalog(params)
     assert again.info["shards_built"] == "(none: all up to date)" and again.metrics["checks_passed"] == 0
+    stricter = deep_merge(params, {"validation": {"quarantine_max_share": 0.01}})
+    raw_catalog(stricter)
+    assert validated_catalog(stricter).info["shards_built"] == "shard0,shard1"   # the rules changed

@@ -143,10 +143,13 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
     if raw.shards:
         with exclusive(out):
             held = held_shards(out)
-            stale = [n for n in raw.shards if held.get(n, {}).get("shard_key") != raw.meta["shards"][n]]
+            # a shard is validated again when its raw data or the rules' settings changed
+            keys = {n: fingerprint([fp, params["validation"], params["ingest"]])
+                    for n, fp in raw.meta["shards"].items()}
+            stale = [n for n in raw.shards if held.get(n, {}).get("shard_key") != keys[n]]
             outcomes = _validate(Catalog.load(raw.root, stale), params) if stale else []
             checks = {o.name: o.passed for o in outcomes}
-            build = {n: partial(_write_validated, raw.shard(n), checks) for n in stale}
+            build = {n: partial(_write_validated, raw.shard(n), checks, key=keys[n]) for n in stale}
             if build or list(held) != raw.shards:
                 write_shards(out, raw.shards, build, lambda tmp: union_meta(
                     {n: Catalog.load(tmp / SHARDS_DIR / n) for n in raw.shards}))
@@ -185,7 +188,8 @@ def _validate(raw: Catalog, params: dict) -> list[CheckOutcome]:
     return outcomes
 
 
-def _write_validated(raw: Catalog, checks: dict, tmp: Path, prev: Path | None = None) -> None:
+def _write_validated(raw: Catalog, checks: dict, tmp: Path, prev: Path | None = None, *,
+                     key: str = "") -> None:
     """The validated form of one (unsharded) raw catalog into tmp; images are hard-linked."""
     tmp.mkdir(parents=True, exist_ok=True)
     images = raw.ok_images
@@ -202,8 +206,7 @@ def _write_validated(raw: Catalog, checks: dict, tmp: Path, prev: Path | None = 
         raw.queries.to_parquet(tmp / "queries.parquet", index=False)
     meta = {**raw.meta, "items": len(items), "images": len(images),
             "instances": int(items["group_id"].nunique()),
-            "dropped_items": len(raw.items) - len(items), "checks": checks,
-            "shard_key": raw.meta["fingerprint"]}
+            "dropped_items": len(raw.items) - len(items), "checks": checks, **({"shard_key": key} if key else {})}
     write_json(meta, tmp / "meta.json")
 
 
