@@ -134,6 +134,11 @@ def _load_union(root: Path, shards: list[str] | None = None) -> Catalog:
                    item_quarantine=_concat([p.item_quarantine for p in parts.values()]))
 
 
+def shards_union_meta(directory: Path, names: list[str], **extra) -> dict:
+    """union_meta of the shards under directory/shards/ (pailitao.stages.rebuild_shards' `union`)."""
+    return union_meta({n: Catalog.load(Path(directory) / SHARDS_DIR / n) for n in names}, **extra)
+
+
 def union_meta(parts: dict[str, Catalog], **extra) -> dict:
     """The meta.json of a sharded catalog: which shards (name -> fingerprint), one fingerprint over
     them, counts summed (instances counted over the union: one product may span shards), the first

@@ -98,11 +98,16 @@ def test_dagster_run_config_carries_set_to_the_pipeline_resource(monkeypatch):
     seen = {}
 
     class Job:
-        def execute_in_process(self, run_config, **kwargs):
-            seen.update(run_config)
+        def execute_in_process(self, run_config, tags, **kwargs):
+            seen.update(run_config, tags=tags)
     monkeypatch.setitem(sys.modules, "orchestration.definitions",
                         types.SimpleNamespace(lineage=lambda: Job()))
-    launch.execute(profile="tiny", dagster_instance=object(), in_process=True, sets=["serving.top_k=3"])
+    from dagster import DagsterInstance
+
+    launch.execute(profile="tiny", dagster_instance=DagsterInstance.ephemeral(), in_process=True,
+                   sets=["serving.top_k=3"])
+    # the unsharded catalog's one partition, which the run covers
+    assert seen["tags"] == {"dagster/asset_partition_range_start": "all", "dagster/asset_partition_range_end": "all"}
     config = seen["resources"]["pipeline"]["config"]
     assert config["sets"] == ["serving.top_k=3"]
     assert PipelineConfig(**config).params()["serving"]["top_k"] == 3

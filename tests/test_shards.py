@@ -230,7 +230,7 @@ def test_only_new_shards_are_validated_and_a_bad_one_is_refused_alone(sharded):
     assert all(o.passed or o.severity != "error" for o in check_raw_catalog(params, ["shard0", "shard1"]))
     failed = [o.name for o in check_raw_catalog(params, ["shard2"]) if not o.passed and o.severity == "error"]
     assert failed and failed == [o.name for o in check_raw_catalog(params) if not o.passed and o.severity == "error"]
-    with pytest.raises(ValidationFailed, match="catalog validation failed"):
+    with pytest.raises(ValidationFailed, match="catalog shard 'shard2' validation failed"):
         validated_catalog(params)
     kept = Catalog.load(Paths.from_params(params).asset("validated_catalog"))   # the last good version stays
     assert kept.shards == ["shard0", "shard1"] and kept.meta["fingerprint"] == first.info["fingerprint"]

@@ -14,7 +14,7 @@ from typing import Callable
 import mlflow
 import pandas as pd
 
-from core.io import atomic_path, link_tree, read_json, write_json
+from core.io import atomic_path, exclusive, link_tree, read_json, write_json
 from data.schema import SHARDS_DIR
 
 
@@ -60,23 +60,30 @@ def held_shards(root: Path) -> dict[str, dict]:
             if (root / SHARDS_DIR / n / "meta.json").is_file()}
 
 
-def write_shards(root: Path, names: list[str], build: dict[str, Callable[[Path, Path | None], None]],
-                 union: Callable[[Path], dict]) -> dict:
-    """Rewrite the sharded asset at `root` and swap it in whole (atomically): shards/<name>/ for
-    every name, in that order, made by build[name](its new dir, its previous dir or None), or else
-    hard-linked from the current version (an unchanged shard is not read again). union(new root)
-    returns the root's meta.json. A shard not in `names` is dropped. The caller holds
-    core.io.exclusive(root) from reading what is held to here."""
-    with atomic_path(root) as tmp:
-        for name in names:
-            prev = root / SHARDS_DIR / name
-            if name in build:
-                build[name](tmp / SHARDS_DIR / name, prev if prev.is_dir() else None)
-            else:
-                link_tree(prev, tmp / SHARDS_DIR / name)
-        meta = union(tmp)
-        write_json(meta, tmp / "meta.json")
-    return meta
+def rebuild_shards(root: Path, order: list[str], keys: dict[str, str],
+                   make: Callable[[str, Path, Path | None], None], union: Callable[[Path, list[str]], dict]
+                   ) -> tuple[list[str], list[str]]:
+    """Bring the sharded asset at `root` up to date, one writer at a time (core.io.exclusive), and
+    swap its new version in whole (atomically). The new version holds the shards of `order` that
+    have a key in `keys` or are held now, in that order (the others leave). A shard whose key differs
+    from its held meta.json's `shard_key` is made again by make(name, its new dir, its previous dir
+    or None), which writes that key into its meta.json; the rest are hard-linked from the current
+    version (not read again). union(new root, names) returns the root's meta.json. Nothing is
+    written when nothing changed. Returns (names, the shards made again)."""
+    with exclusive(root):
+        held = held_shards(root)
+        names = [n for n in order if n in keys or n in held]
+        built = [n for n in names if n in keys and held.get(n, {}).get("shard_key") != keys[n]]
+        if built or list(held) != names:
+            with atomic_path(root) as tmp:
+                for name in names:
+                    prev = root / SHARDS_DIR / name
+                    if name in built:
+                        make(name, tmp / SHARDS_DIR / name, prev if prev.is_dir() else None)
+                    else:
+                        link_tree(prev, tmp / SHARDS_DIR / name)
+                write_json(union(tmp, names), tmp / "meta.json")
+    return names, built
 
 
 def shard_info(names: list[str], built: list[str], requested: list[str] | None = None) -> tuple[dict, dict]:

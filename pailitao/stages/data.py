@@ -14,15 +14,15 @@ from PIL import Image
 
 from data.ingest import build_catalog
 from data.queries import build_query_sets, image_queries
-from data.schema import CATALOG_VIEW, SHARDS_DIR, STATUS_OK, Catalog, CatalogError, reason_class, union_meta
+from data.schema import CATALOG_VIEW, STATUS_OK, Catalog, CatalogError, reason_class, shards_union_meta
 from data.shards import requested, source_shards
 from data.sources import load_source, tree_fingerprint
 from data.splits import assign_splits
 from data.validation import CheckOutcome, failed_errors, validate_catalog
 from core.config import Paths, fingerprint
-from core.io import atomic_path, exclusive, link_tree, write_json, write_parquet
+from core.io import atomic_path, link_tree, write_json, write_parquet
 from core.tracking import start_run
-from pailitao.stages import StageResult, finish, held_shards, md_table, shard_info, write_shards
+from pailitao.stages import StageResult, finish, md_table, rebuild_shards, shard_info
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +105,15 @@ def _raw_shards(params: dict, paths: Paths, shards: list[str] | None) -> tuple[C
     ds = params["dataset"]
     settings = [ds["source"], ds["limit"], ds["category_separator"], params["ingest"], params["validation"],
                 params["seed"]]
-    with exclusive(root):
-        held = held_shards(root)
-        names = [n for n in source if n in asked or n in held]
-        keys = {n: fingerprint([tree_fingerprint(source[n]), settings]) for n in asked}
-        build = {n: partial(_ingest_shard, params, paths, source[n], keys[n]) for n in asked
-                 if held.get(n, {}).get("shard_key") != keys[n]}
-        if build or list(held) != names:
-            write_shards(root, names, build, lambda tmp: union_meta(
-                {n: Catalog.load(tmp / SHARDS_DIR / n) for n in names}, root=str(ds["root"])))
-    return Catalog.load(root), shard_info(names, list(build), asked)
+    keys = {n: fingerprint([tree_fingerprint(source[n]), settings]) for n in asked}
 
+    def ingest(name: str, dst: Path, prev: Path | None) -> None:
+        build_catalog(load_source(params, paths, root=source[name]), dst, params["ingest"], params["validation"],
+                      reuse_dir=prev, meta_extra={"shard_key": keys[name]})
 
-def _ingest_shard(params: dict, paths: Paths, src_dir: Path, key: str, dst: Path, prev: Path | None) -> None:
-    build_catalog(load_source(params, paths, root=src_dir), dst, params["ingest"], params["validation"],
-                  reuse_dir=prev, meta_extra={"shard_key": key})
+    names, built = rebuild_shards(root, list(source), keys, ingest,
+                                  partial(shards_union_meta, root=str(ds["root"])))
+    return Catalog.load(root), shard_info(names, built, asked)
 
 
 def check_raw_catalog(params: dict, shards: list[str] | None = None) -> list[CheckOutcome]:
@@ -135,25 +129,25 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
     quarantined at ingest are not in it, nor their images). Refuses to
     run when a blocking validation rule fails (in Dagster the blocking asset checks stop it first;
     the rules run again here so no caller can skip them). Of a sharded catalog, only the shards
-    whose raw data changed are validated (together) and written; the others stay as they are."""
+    whose raw data (or the rules' settings) changed are validated, each alone, and written; the
+    others stay as they are, and a failed shard leaves the last version in place."""
     paths = Paths.from_params(params)
     raw = Catalog.load(paths.asset("raw_catalog"))
     out = paths.asset("validated_catalog")
     shard_metrics, shard_meta = {}, {}
     if raw.shards:
-        with exclusive(out):
-            held = held_shards(out)
-            # a shard is validated again when its raw data or the rules' settings changed
-            keys = {n: fingerprint([fp, params["validation"], params["ingest"]])
-                    for n, fp in raw.meta["shards"].items()}
-            stale = [n for n in raw.shards if held.get(n, {}).get("shard_key") != keys[n]]
-            outcomes = _validate(Catalog.load(raw.root, stale), params) if stale else []
-            checks = {o.name: o.passed for o in outcomes}
-            build = {n: partial(_write_validated, raw.shard(n), checks, key=keys[n]) for n in stale}
-            if build or list(held) != raw.shards:
-                write_shards(out, raw.shards, build, lambda tmp: union_meta(
-                    {n: Catalog.load(tmp / SHARDS_DIR / n) for n in raw.shards}))
-        shard_metrics, shard_meta = shard_info(raw.shards, stale, shards)
+        # a shard is validated again (alone) when its raw data or the rules' settings changed
+        keys = {n: fingerprint([fp, params["validation"], params["ingest"]]) for n, fp in raw.meta["shards"].items()}
+        outcomes = []
+
+        def validate(name: str, dst: Path, prev: Path | None) -> None:
+            shard = raw.shard(name)
+            found = _validate(shard, params, name)
+            outcomes.extend(found)
+            _write_validated(shard, {o.name: o.passed for o in found}, dst, key=keys[name])
+
+        names, built = rebuild_shards(out, raw.shards, keys, validate, shards_union_meta)
+        shard_metrics, shard_meta = shard_info(names, built, shards)
     else:
         outcomes = _validate(raw, params)
         with atomic_path(out) as tmp:
@@ -178,18 +172,17 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
         return finish(res, run)
 
 
-def _validate(raw: Catalog, params: dict) -> list[CheckOutcome]:
+def _validate(raw: Catalog, params: dict, shard: str | None = None) -> list[CheckOutcome]:
     """The validation rules' outcomes; ValidationFailed when an error-severity rule fails."""
     outcomes = validate_catalog(raw, params["validation"], params["ingest"])
     failed = failed_errors(outcomes)
     if failed:
-        raise ValidationFailed("catalog validation failed:\n" +
+        raise ValidationFailed(f"catalog{f' shard {shard!r}' if shard else ''} validation failed:\n" +
                                "\n".join(f"- {o.name}: {o.description}" for o in failed))
     return outcomes
 
 
-def _write_validated(raw: Catalog, checks: dict, tmp: Path, prev: Path | None = None, *,
-                     key: str = "") -> None:
+def _write_validated(raw: Catalog, checks: dict, tmp: Path, *, key: str = "") -> None:
     """The validated form of one (unsharded) raw catalog into tmp; images are hard-linked."""
     tmp.mkdir(parents=True, exist_ok=True)
     images = raw.ok_images

@@ -16,8 +16,8 @@ from data.schema import SHARDS_DIR, Catalog
 from data.taxonomy import display_names
 from evaluation.retrieval import cached_gallery, item_documents
 from core.config import Paths, fingerprint
-from core.io import atomic_path, exclusive, read_json, write_json
-from pailitao.stages import StageResult, finish, held_shards, shard_info, write_shards
+from core.io import atomic_path, read_json, write_json
+from pailitao.stages import StageResult, finish, rebuild_shards, shard_info
 from core.tracking import start_run
 from retrieval import index_store
 from retrieval.models import load_embedder, resolve_model, variant_dirs
@@ -41,21 +41,18 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
         engine = ray_engine(info.path, params["compute"]["ray"])
     embed = partial(_embed_into, params, info, cache(partial(load_embedder, info)), dim, engine, out)
     shard_metrics, shard_meta = {}, {}
-    if catalog.shards:
-        with exclusive(out):
-            held = held_shards(out)
-            keys = {n: fingerprint([catalog.meta["shards"][n], info.fingerprint, dim]) for n in catalog.shards}
-            build = {n: partial(embed, catalog.shard(n), keys[n]) for n in catalog.shards
-                     if held.get(n, {}).get("shard_key") != keys[n]}
-            if build or list(held) != catalog.shards:
-                write_shards(out, catalog.shards, build, partial(_union_embeddings, catalog, info, dim))
-        shard_metrics, shard_meta = shard_info(catalog.shards, list(build), shards)
+    if catalog.shards:   # a shard is embedded again when its images or the embedder changed
+        keys = {n: fingerprint([fp, info.fingerprint, dim]) for n, fp in catalog.meta["shards"].items()}
+        names, built = rebuild_shards(out, catalog.shards, keys,
+                                      lambda name, dst, prev: embed(catalog.shard(name), keys[name], dst),
+                                      partial(_union_embeddings, catalog, info, dim))
+        shard_metrics, shard_meta = shard_info(names, built, shards)
     else:
         with atomic_path(out) as tmp:
             embed(catalog, None, tmp)
     seconds = time.perf_counter() - t0
     meta, items = read_json(out / "meta.json"), pd.read_parquet(out / "items.parquet")
-    embedded = sum(read_json(out / SHARDS_DIR / n / "meta.json")["n"] for n in build) if catalog.shards else len(items)
+    embedded = sum(read_json(out / SHARDS_DIR / n / "meta.json")["n"] for n in built) if catalog.shards else len(items)
     res = StageResult("item_embeddings", out,
                       metrics={"items": int(items["item_id"].nunique()), "images": len(items), "dim": dim,
                                "seconds": round(seconds, 1), **shard_metrics,
@@ -69,7 +66,7 @@ def item_embeddings(params: dict, dagster_run_id: str | None = None, *, model: s
 
 
 def _embed_into(params: dict, info, embedder, dim: int, engine, out: Path, catalog: Catalog, key: str | None,
-                tmp: Path, prev: Path | None = None) -> None:
+                tmp: Path) -> None:
     """embeddings.npy, items.parquet and meta.json of one (unsharded) catalog into tmp. Image paths
     are relative to the parent of `out` (ItemTable resolves them from there), so the directory
     survives a moved workdir."""
@@ -91,9 +88,9 @@ def _embed_into(params: dict, info, embedder, dim: int, engine, out: Path, catal
                tmp / "meta.json")
 
 
-def _union_embeddings(catalog: Catalog, info, dim: int, tmp: Path) -> dict:
+def _union_embeddings(catalog: Catalog, info, dim: int, tmp: Path, names: list[str]) -> dict:
     """The union of the shards' embeddings at the top of a sharded item_embeddings directory."""
-    parts = [tmp / SHARDS_DIR / n for n in catalog.shards]
+    parts = [tmp / SHARDS_DIR / n for n in names]
     metas = [read_json(p / "meta.json") for p in parts]
     np.save(tmp / "embeddings.npy", np.concatenate([np.load(p / "embeddings.npy") for p in parts]))
     pd.concat([pd.read_parquet(p / "items.parquet") for p in parts], ignore_index=True) \
@@ -102,7 +99,7 @@ def _union_embeddings(catalog: Catalog, info, dim: int, tmp: Path) -> dict:
     return {"model": info.name, "model_source": info.source, "model_version": info.fingerprint, "dim": dim,
             "n": sum(m["n"] for m in metas), "catalog_fingerprint": fp,
             "fingerprint": fingerprint([fp, info.fingerprint, dim]),
-            "shards": {n: m["shard_key"] for n, m in zip(catalog.shards, metas)}}
+            "shards": {n: m["shard_key"] for n, m in zip(names, metas)}}
 
 
 def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Path | None = None,
