@@ -121,8 +121,7 @@ def _load_union(root: Path, shards: list[str] | None = None) -> Catalog:
     if missing:
         raise CatalogError(f"{root} holds no shard {', '.join(missing)} (it holds {', '.join(meta['shards'])})")
     parts = {name: Catalog.load(root / SHARDS_DIR / name) for name in meta["shards"] if not shards or name in shards}
-    if shards:
-        meta = union_meta(parts)
+    meta = union_meta(parts, root=meta.get("root")) if shards else meta
     _unique_items(parts)
     prefix = {name: f"{SHARDS_DIR}/{name}/" for name in parts}
     return Catalog(root=root,
@@ -144,15 +143,14 @@ def union_meta(parts: dict[str, Catalog], **extra) -> dict:
     them, counts summed (instances counted over the union: one product may span shards), the first
     shard's source description. An item id in two shards is refused here, before anything is published."""
     _unique_items(parts)
-    first = next(iter(parts.values())).meta
-    meta = {k: v for k, v in first.items() if (isinstance(v, (str, bool)) or v is None) and k != "shard_key"}
+
     def count(v) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    for key in {k for p in parts.values() for k in p.meta}:
+    first = next(iter(parts.values())).meta
+    meta = {k: v for k, v in first.items() if (isinstance(v, (str, bool)) or v is None) and k != "shard_key"}
+    for key in {k for p in parts.values() for k in p.meta} - {"shard_key"}:
         values = [p.meta.get(key) for p in parts.values()]
-        if key == "shard_key":
-            continue
         if all(count(v) for v in values):
             meta[key] = sum(values)
         elif all(isinstance(v, dict) and all(count(x) for x in v.values()) for v in values):   # counts by reason

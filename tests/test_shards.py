@@ -103,6 +103,7 @@ def test_a_new_shard_is_ingested_and_embedded_alone_and_the_index_holds_the_unio
         f"shard2-item{i}" for i in range(3)}
     union = Catalog.load(paths.asset("validated_catalog"))
     assert union.shards == ["shard0", "shard1", "shard2"] and len(union.items) == 15
+    assert union.meta["root"] == str(root) and union.meta["items"] == 15 and union.meta["instances"] == 15
     assert all(union.image_file(p).is_file() for p in union.images["path"])
     emb = np.load(paths.asset("item_embeddings") / "embeddings.npy")
     assert np.array_equal(emb[:6], before[1])   # the union starts with shard0's rows, unchanged

@@ -146,7 +146,8 @@ def validated_catalog(params: dict, dagster_run_id: str | None = None, *,
             outcomes.extend(found)
             _write_validated(shard, {o.name: o.passed for o in found}, dst, key=keys[name])
 
-        names, built = rebuild_shards(out, raw.shards, keys, validate, shards_union_meta)
+        names, built = rebuild_shards(out, raw.shards, keys, validate,
+                                      partial(shards_union_meta, root=raw.meta["root"]))
         shard_metrics, shard_meta = shard_info(names, built, shards)
     else:
         outcomes = _validate(raw, params)
