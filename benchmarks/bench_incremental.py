@@ -5,6 +5,12 @@ run, same checkpoint.
 
     .venv/bin/python benchmarks/bench_incremental.py [--items 3000] [--shards 10] [--model packaged|tiny]
         [--workdir DIR] [--json FILE]
+    .venv/bin/python benchmarks/bench_incremental.py --index-rows 100000 [--dim 128]
+
+--index-rows N measures the index step alone at a size where it costs something: N synthetic
+catalog-like vectors published, then N + 1% (the current index grown by the new rows,
+ann_index.incremental) against a rebuild of the same N + 1% rows (incremental off), same run;
+recall@10 of each against exact search.
 
 The catalog is openclipart (dataset.root of params.yaml): --items PNGs in a deterministic sample,
 written as --shards manifest shards (s00, s01, ...), plus one new shard (s<N>) of items/100 other
@@ -76,6 +82,31 @@ def run_stages(params: dict) -> dict:
     return out
 
 
+def index_update(rows: int, dim: int, work: Path) -> dict:
+    """Publish `rows` vectors, then rows + 1%: grown (incremental) vs rebuilt, seconds and recall."""
+    from retrieval import index_store
+    from retrieval.index import clustered_embeddings
+
+    new = max(1, rows // 100)
+    emb = clustered_embeddings(rows + new, dim, clusters=max(rows // 5, 10))
+    ids = np.array([f"img{i}" for i in range(rows + new)])
+    out = {"rows": rows, "new_rows": new, "dim": dim}
+    for mode in ("rebuilt", "grown"):
+        root = work / f"index-{mode}"
+        shutil.rmtree(root, ignore_errors=True)
+        cfg = {"incremental": mode == "grown", "keep_versions": 2}
+        index_store.build_and_publish(root, emb[:rows], ids[:rows], cfg, model_version="m")
+        t0 = time.perf_counter()
+        meta = index_store.build_and_publish(root, emb, ids, cfg, model_version="m")
+        out[mode] = {"seconds": round(time.perf_counter() - t0, 2), "kind": meta["kind"], "build": meta["build"],
+                     "recall_at_10": meta["recall"]}
+    print(f"\n{rows} rows + {new} new, dim {dim}, {out['grown']['kind']}:\n\n| update | seconds (build + recall "
+          f"check + publish) | recall@10 |\n|---|---:|---:|\n" + "".join(
+              f"| {m} ({out[m]['build']}) | {out[m]['seconds']} | {out[m]['recall_at_10']:.4f} |\n"
+              for m in ("rebuilt", "grown")))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=3000, help="items in the base shards (the new shard: 1%%)")
@@ -83,7 +114,15 @@ def main() -> None:
     ap.add_argument("--model", choices=("tiny", "packaged"), default="packaged")
     ap.add_argument("--workdir", default=None, help="where catalogs and work dirs go (default: a temp dir)")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    ap.add_argument("--index-rows", type=int, default=0, help="measure only the index step at this many rows")
+    ap.add_argument("--dim", type=int, default=128, help="--index-rows: vector dimension")
     args = ap.parse_args()
+    if args.index_rows:
+        res = index_update(args.index_rows, args.dim, Path(args.workdir or tempfile.mkdtemp(prefix="bench_index-")))
+        print(json.dumps(res))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return
 
     from bench_ray_embed import checkpoint
 

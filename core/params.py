@@ -277,6 +277,7 @@ class AnnIndex(Section):
     use_gpu: bool | Auto
     keep_versions: int
     seed: int
+    incremental: bool
     milvus: Milvus
 
 

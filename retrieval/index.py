@@ -67,6 +67,7 @@ DEFAULTS: dict = {
     "use_gpu": "auto",
     "keep_versions": 3,
     "seed": 0,
+    "incremental": True,
     "milvus": {"uri": "milvus.db", "collection_prefix": "pailitao_items", "index_type": "FLAT",
                "index_params": {}, "search_params": {}, "consistency_level": "Bounded", "insert_batch": 5000},
 }

@@ -43,8 +43,9 @@ import faiss
 import numpy as np
 
 from core.io import owner_tag, process_gone
-from retrieval.index import (build_index, check_ids, check_vectors, get_search_params, index_kind, ivfpq_params,
-                             is_gpu_index, recall_at_k, resolve_cfg, search, set_search_params, to_gpu, want_gpu)
+from retrieval.index import (build_index, check_ids, check_vectors, choose_kind, get_search_params, index_kind,
+                             ivfpq_params, is_gpu_index, recall_at_k, resolve_cfg, search, set_search_params, to_gpu,
+                             want_gpu)
 
 log = logging.getLogger(__name__)
 
@@ -418,15 +419,46 @@ def build_and_publish(root, emb, ids, cfg: dict | None = None, model_version: st
     if cfg["backend"] == "milvus":
         return _build_and_publish_milvus(Path(root), emb, ids, cfg, model_version)
     t0 = time.perf_counter()
-    index = build_index(emb, None, cfg)
+    grown = _grown(Path(root), emb, ids, cfg, model_version) if cfg["incremental"] else None
+    if grown is None:
+        index, added = build_index(emb, None, cfg), None
+    else:   # the index's rows are the current version's, then the new ones
+        index, order, added = grown
+        emb, ids = emb[order], ids[order]
     build_s = time.perf_counter() - t0
     kind = index_kind(index)
     rec = recall_at_k(index, emb, cfg["recall_k"], cfg["recall_sample"], cfg["seed"], cfg["use_gpu"])
     params = {"flat": {}, "hnsw": cfg["hnsw"]}[kind] if kind != "ivfpq" else ivfpq_params(len(emb), index.d, cfg)
-    meta = {**_recall_meta(cfg, model_version, build_s, rec, len(emb)), "params": params}
+    meta = {**_recall_meta(cfg, model_version, build_s, rec, len(emb)), "params": params,
+            "build": "rebuilt" if added is None else f"added {added} rows to {len(emb) - added}"}
     vdir = publish(root, index, ids, meta, keep=cfg["keep_versions"], make_current=meta["recall_ok"])
     _warn_unless_current(vdir, meta)
     return json.loads((vdir / "meta.json").read_text())
+
+
+def _grown(root: Path, emb: np.ndarray, ids: np.ndarray, cfg: dict, model_version: str):
+    """(the current faiss version's index with only the new rows added, the row order it holds, how
+    many were added), when that is the index a rebuild would make: the same model and dim, a flat or
+    HNSW index (they keep the vectors, so every kept row is checked unchanged) of the kind a rebuild
+    would choose, no row removed or changed, at least one new. None otherwise (then rebuild)."""
+    try:
+        cur = load_current(root)
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    kind = index_kind(cur.index) if cur.meta.get("backend", "faiss") == "faiss" else None
+    if (kind not in ("flat", "hnsw") or cur.meta.get("model_version") != model_version or cur.index.d != emb.shape[1]
+            or choose_kind(len(emb), emb.shape[1], cfg) != kind or len(cur.ids) >= len(ids)):
+        return None
+    pos = {str(i): k for k, i in enumerate(ids)}
+    old = [pos.get(str(i)) for i in cur.ids]
+    if None in old:   # a row left the catalog
+        return None
+    old = np.asarray(old, dtype=np.int64)
+    if not np.array_equal(cur.index.reconstruct_n(0, len(old)), emb[old]):   # a kept row changed
+        return None
+    new = np.setdiff1d(np.arange(len(ids)), old)
+    cur.index.add(np.ascontiguousarray(emb[new]))
+    return cur.index, np.concatenate([old, new]), len(new)
 
 
 def _recall_meta(cfg: dict, model_version: str, build_s: float, rec: float, n: int) -> dict:

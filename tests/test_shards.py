@@ -242,3 +242,31 @@ def test_only_new_shards_are_validated_and_a_bad_one_is_refused_alone(sharded):
     stricter = deep_merge(params, {"validation": {"quarantine_max_share": 0.01}})
     raw_catalog(stricter)
     assert validated_catalog(stricter).info["shards_built"] == "shard0,shard1"   # the rules changed
+
+
+def test_a_new_shard_adds_its_rows_to_the_current_index_and_a_removal_rebuilds(sharded):
+    """ann_index.incremental: the new version is the current index plus the new rows (kept rows
+    checked unchanged); the same search results as a rebuild; a removed shard rebuilds."""
+    from retrieval import index_store
+    from retrieval.index import build_index
+
+    params, root = sharded
+    paths = Paths.from_params(params)
+    assert _update(params)["ann_index"]["build"] == "rebuilt"
+    write_shard(root, "shard2", n_items=3, seed=3)
+    grown = _update(params)["ann_index"]
+    assert grown["build"] == "added 3 rows to 12" and grown["n"] == 15 and grown["recall_ok"]
+    emb = np.load(paths.asset("item_embeddings") / "embeddings.npy")
+    image_ids = pd.read_parquet(paths.asset("item_embeddings") / "items.parquet")["image_id"].astype(str).to_numpy()
+    added = index_store.load_current(paths.asset("ann_index"))
+    assert sorted(map(str, added.ids)) == sorted(image_ids)
+    rebuilt = build_index(emb)
+    for q in emb[:5]:   # the grown index ranks like a rebuilt one
+        got = added.search(q[None], 5)[1][0]
+        want = image_ids[rebuilt.search(q[None], 5)[1][0]]
+        assert list(map(str, got))[:1] == list(want)[:1]
+    shutil.rmtree(root / "shard0")
+    assert _update(params)["ann_index"]["build"] == "rebuilt"
+    off = deep_merge(params, {"ann_index": {"incremental": False}})
+    write_shard(root, "shard3", n_items=2, seed=4)
+    assert _update(off)["ann_index"]["build"] == "rebuilt"

@@ -121,6 +121,7 @@ def ann_index(params: dict, dagster_run_id: str | None = None, *, embeddings: Pa
                       metrics={"n": meta["n"], "dim": meta["dim"], "recall": meta["recall"],
                                "build_seconds": meta["build_seconds"], "mib": round(meta["bytes"] / 2**20, 2)},
                       info={"version": meta["version"], "kind": meta["kind"], "recall_ok": meta["recall_ok"],
+                            "build": meta.get("build", "rebuilt"),
                             "model_version": meta["model_version"], "fingerprint": src["fingerprint"]},
                       markdown={"build": pd.DataFrame([{k: meta[k] for k in (
                           "version", "kind", "n", "dim", "recall", "min_recall", "recall_ok", "build_seconds")}])
