@@ -52,13 +52,12 @@ def shard_fingerprints(params: dict) -> dict[str, str]:
     return {name: tree_fingerprint(path) for name, path in source_shards(params["dataset"]).items()}
 
 
-def requested(params: dict, shards: list[str] | None) -> list[str]:
-    """The shards a stage was asked for (None: all of the source's); an unknown name is an error."""
-    available = source_shards(params["dataset"])
+def requested(available: dict[str, Path], shards: list[str] | None, root) -> list[str]:
+    """The shards a stage was asked for among the source's `available` ones (source_shards; None:
+    all of them); an unknown name is an error naming dataset.root."""
     if shards is None:
         return list(available)
     unknown = [s for s in shards if s not in available]
     if unknown:
-        raise CatalogError(f"shard(s) {', '.join(unknown)} not in {params['dataset']['root']} (shards there: "
-                           f"{', '.join(available)})")
+        raise CatalogError(f"shard(s) {', '.join(unknown)} not in {root} (shards there: {', '.join(available)})")
     return list(shards)

@@ -198,7 +198,7 @@ def publish(root, index, ids, meta: dict | None = None, *, keep: int = 3, make_c
     """
     root = Path(root)
     milvus = _is_milvus(index)
-    if not milvus and is_gpu_index(index):
+    if is_gpu_index(index):   # False for a Milvus collection
         raise ValueError("publish a CPU index (faiss.index_gpu_to_cpu): GPU indexes cannot be written")
     ids = check_ids(ids, index.ntotal)
     version = version or _new_version()
@@ -441,13 +441,18 @@ def _grown(root: Path, emb: np.ndarray, ids: np.ndarray, cfg: dict, model_versio
     many were added), when that is the index a rebuild would make: the same model and dim, a flat or
     HNSW index (they keep the vectors, so every kept row is checked unchanged) of the kind a rebuild
     would choose, no row removed or changed, at least one new. None otherwise (then rebuild)."""
-    try:
-        cur = load_current(root)
+    try:   # the current version's meta.json first: a version that cannot grow is not read in full
+        version = current_version(root)
+        meta = json.loads((root / "versions" / version / "meta.json").read_text())
     except (FileNotFoundError, ValueError, OSError):
         return None
-    kind = index_kind(cur.index) if cur.meta.get("backend", "faiss") == "faiss" else None
-    if (kind not in ("flat", "hnsw") or cur.meta.get("model_version") != model_version or cur.index.d != emb.shape[1]
-            or choose_kind(len(emb), emb.shape[1], cfg) != kind or len(cur.ids) >= len(ids)):
+    kind = meta.get("kind") if meta.get("backend", "faiss") == "faiss" else None
+    if (kind not in ("flat", "hnsw") or meta.get("model_version") != model_version or meta.get("dim") != emb.shape[1]
+            or choose_kind(len(emb), emb.shape[1], cfg) != kind or meta.get("n", len(ids)) >= len(ids)):
+        return None
+    try:
+        cur = load_version(root, version)
+    except (FileNotFoundError, ValueError, OSError):
         return None
     pos = {str(i): k for k, i in enumerate(ids)}
     old = [pos.get(str(i)) for i in cur.ids]

@@ -101,7 +101,7 @@ def _raw_shards(params: dict, paths: Paths, shards: list[str] | None) -> tuple[C
     """raw_catalog of a sharded source: a shard is ingested again only when its files (paths,
     sizes, mtimes) or the settings that shape it changed."""
     root, source = paths.asset("raw_catalog"), source_shards(params["dataset"])
-    asked = requested(params, shards)
+    asked = requested(source, shards, params["dataset"]["root"])
     ds = params["dataset"]
     settings = [ds["source"], ds["limit"], ds["category_separator"], params["ingest"], params["validation"],
                 params["seed"]]
