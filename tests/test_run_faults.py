@@ -63,7 +63,10 @@ def train(work: str, hang: str = "-1") -> None:
 
 # stage processes that print "ready" and wait to be killed: one with its run open, one in the middle
 # of writing its output (they import no torch: a quick start)
-OPEN_RUN = """import sys, time
+# SIGINT restored to Python's own handler: a child of a shell without job control (a background CI
+# job) inherits it ignored, and then no signal would reach the run
+OPEN_RUN = """import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from core.config import load_params
 from core.tracking import start_run
 with start_run("raw_catalog", load_params("tiny", {"workdir": sys.argv[1]}), log_params=False):
