@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from core.config import REPO_ROOT
+from pailitao import lineage
 
 
 def _run(cmd, cwd, env):
@@ -17,10 +18,8 @@ def _run(cmd, cwd, env):
     return r.stdout
 
 
-STAGES = ("raw_catalog", "validated_catalog", "splits", "query_sets", "base_model", "stage1_embedder",
-          "semantic_prototypes", "embedding_model", "baseline_embedder", "item_embeddings", "ann_index",
-          "reranker_dataset", "reranker_model", "reranker_pointwise", "embedding_promotion", "ab_report")
-DATA = STAGES[:4]
+STAGES = lineage.NAMES   # the lineage, in order (dvc.yaml is generated from it: tests/test_lineage.py)
+DATA = STAGES[:STAGES.index("query_sets") + 1]
 
 
 def _repo(tmp_path) -> tuple[Path, dict]:
@@ -31,7 +30,7 @@ def _repo(tmp_path) -> tuple[Path, dict]:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     params["profile"] = "tiny"
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for pkg in ("core", "data", "training", "retrieval", "evaluation", "pailitao"):  # the code deps dvc.yaml hashes
+    for pkg in lineage.OWN_PACKAGES:  # the code deps dvc.yaml hashes
         shutil.copytree(REPO_ROOT / pkg, repo / pkg, ignore=shutil.ignore_patterns("raw", "processed", "__pycache__"))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "DVC_NO_ANALYTICS": "1"}
