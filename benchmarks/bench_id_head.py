@@ -6,6 +6,7 @@ head's rows did (their last logged cosine to their members and own-row-nearest s
 
     .venv/bin/python benchmarks/bench_id_head.py --profile demo --workdir DIR [--split val|test]
         [--arms control,sgd_0.5,sgd_0.05,ema,frozen,...] [--per-level N] [--set margin.knn_k=64 ...]
+        [--pairs ema:random_negatives ...]
 
 Choose on --split val (what params.yaml keeps), report the ablation on --split test. Each arm trains
 in OUT/<arm>/ (its upstream assets linked from the lineage, its own MLflow store), so the lineage is
@@ -90,20 +91,27 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="key.path=value for every arm (YAML-typed)")
     ap.add_argument("--scratch", default="benchmarks/results/id_head_arms")
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--pairs", nargs="*", default=[], metavar="ARM:OTHER",
+                    help="paired tests beside each arm minus the control, e.g. ema:random_negatives")
     args = ap.parse_args()
+    names = args.arms.split(",")
+    pairs = [(a, "control") for a in names if a != "control" and "control" in names]
+    pairs += [tuple(p.split(":")) for p in args.pairs]
+    if any(len(p) != 2 or not set(p) <= set(names) for p in pairs):   # checked before hours of training
+        ap.error(f"--pairs: each is ARM:OTHER, both among --arms {names}; got {args.pairs}")
     params = load_params(args.profile, deep_merge({"workdir": args.workdir}, set_overrides(args.set)))
     lineage = Paths.from_params(params)
     catalog, root, q = lineage_queries(params, args.split, args.per_level)
     dim = params["model"]["served_dim"]
     arms, diags = {}, {}
-    for name in args.arms.split(","):
+    for name in names:
         model, diags[name] = train_arm(name, lineage, params, Path(args.scratch).resolve())
         torch.manual_seed(0)
         emb = MLLMEmbedder.from_pretrained(model)
         g, g_emb = cached_gallery(lineage.gallery_cache, model_fingerprint(model), lambda: emb, catalog, dim)
         arms[name] = per_query(rank_items(encode_queries(emb, q, root, dim), g, g_emb), q, catalog)
     rows = arm_rows(arms)
-    tests = paired_tests(arms, [(a, "control") for a in arms if a != "control"]) if "control" in arms else []
+    tests = paired_tests(arms, pairs)
     t = params["train"]
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; profile {params['profile']}, split {args.split}, "
           f"{len(q)} queries; stage 3: {t['stage3_steps']} steps x {t['batch_size']}, lr {t['stage3_lr']}; "
@@ -115,7 +123,7 @@ def main() -> None:
     print("\nRows at the end of training (train/ metrics, last step):\n")
     print(pd.DataFrame(diags).T.to_markdown(floatfmt=".3f"))
     if tests:
-        print("\nPaired bootstrap, I-HR@1 (arm minus the control, same queries):\n")
+        print("\nPaired bootstrap, I-HR@1 (arm minus the other, same queries):\n")
         print(pd.DataFrame(tests).to_markdown(index=False, floatfmt=".2f"))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"id_head_{params['profile']}_{args.split}.json"), "w") as f:
